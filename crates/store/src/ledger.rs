@@ -1,0 +1,675 @@
+//! The ledger, persisted: accounts, transfers, expiry and self-verification.
+//!
+//! How the rules are enforced, on both engines:
+//! - idempotency: `UNIQUE (scope, idem_key)` with `ON CONFLICT DO NOTHING`; a
+//!   conflicting insert waits for the other writer and then reads its row;
+//! - never negative: a debit is one conditional `UPDATE ... WHERE available
+//!   covers it`, which on PostgreSQL locks the row and re-checks after any
+//!   concurrent writer commits (READ COMMITTED re-evaluation);
+//! - one currency: composite foreign keys `(account, currency)`;
+//! - a reservation resolves once: a unique index on `pending_id`, and the
+//!   pending row is locked while it is resolved.
+
+use std::time::Duration;
+
+use payrail_core::ledger::{check_resolvable, effects};
+use payrail_core::{
+    AccountFlags, AccountId, Balances, Currency, Delta, LedgerError, Money, PendingState,
+    Timestamp, TransferId, TransferKind, TransferOp, TransferRecord, TransferRequest,
+};
+
+use crate::StoreError;
+use crate::conn::{DbErrorKind, Row};
+use crate::tx::{Deferred, Tx};
+
+/// An account with its totals, including changes queued in this batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Account {
+    pub id: AccountId,
+    pub code: String,
+    pub currency: Currency,
+    pub flags: AccountFlags,
+    pub balances: Balances,
+}
+
+/// A transfer's outcome; `replayed` when the key had already been used for
+/// the same transfer, which is then returned unchanged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transfer {
+    pub record: TransferRecord,
+    pub replayed: bool,
+}
+
+/// A ledger operation either is refused by a rule or fails in the store.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum LedgerOpError {
+    #[error(transparent)]
+    Rejected(#[from] LedgerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<crate::conn::DbError> for LedgerOpError {
+    fn from(e: crate::conn::DbError) -> Self {
+        LedgerOpError::Store(e.into())
+    }
+}
+
+/// `SELECT` of every account column, in the order `account_from_row` reads.
+macro_rules! select_account {
+    ($where:literal) => {
+        concat!(
+            "SELECT id, code, currency, flags, debits_pending, debits_posted, credits_pending, credits_posted FROM accounts ",
+            $where
+        )
+    };
+}
+
+/// `SELECT` of every transfer column, in the order `transfer_from_row` reads.
+macro_rules! select_transfer {
+    ($where:literal) => {
+        concat!(
+            "SELECT id, scope, idem_key, kind, debit_account, credit_account, currency, amount, pending_id, state, timeout_ms, expires_at, created_at FROM transfers ",
+            $where
+        )
+    };
+}
+
+fn account_from_row(tx: &Tx<'_>, row: &Row) -> Result<Account, StoreError> {
+    let id = AccountId(row.int(0)?);
+    let currency = row.text(2)?;
+    let mut balances = Balances {
+        debits_pending: row.int(4)?,
+        debits_posted: row.int(5)?,
+        credits_pending: row.int(6)?,
+        credits_posted: row.int(7)?,
+    };
+    balances.apply(&tx.deferred(id));
+    Ok(Account {
+        id,
+        code: row.text(1)?,
+        currency: Currency::parse(&currency)
+            .ok_or_else(|| StoreError::Internal(format!("bad currency {currency:?}")))?,
+        flags: AccountFlags::from_bits(row.int(3)? as u32),
+        balances,
+    })
+}
+
+/// Opens the account named `code`, or returns it if it already exists with
+/// the same currency and flags.
+pub fn open_account(
+    tx: &mut Tx<'_>,
+    code: &str,
+    currency: Currency,
+    flags: AccountFlags,
+) -> Result<AccountId, LedgerOpError> {
+    let now = tx.now().millis();
+    let inserted = tx.query_opt(
+        "INSERT INTO accounts (code, currency, flags, created_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (code) DO NOTHING RETURNING id",
+        &[
+            code.into(),
+            currency.as_str().into(),
+            i64::from(flags.bits()).into(),
+            now.into(),
+        ],
+    )?;
+    if let Some(row) = inserted {
+        return Ok(AccountId(row.int(0)?));
+    }
+    let existing = account_by_code(tx, code)?
+        .ok_or_else(|| StoreError::Internal(format!("account {code} vanished")))?;
+    if existing.currency != currency {
+        return Err(LedgerError::IdempotencyConflict { field: "currency" }.into());
+    }
+    if existing.flags != flags {
+        return Err(LedgerError::IdempotencyConflict { field: "flags" }.into());
+    }
+    Ok(existing.id)
+}
+
+pub fn account(tx: &mut Tx<'_>, id: AccountId) -> Result<Option<Account>, StoreError> {
+    match tx.query_opt(select_account!("WHERE id = ?1"), &[id.0.into()])? {
+        Some(row) => Ok(Some(account_from_row(tx, &row)?)),
+        None => Ok(None),
+    }
+}
+
+pub fn account_by_code(tx: &mut Tx<'_>, code: &str) -> Result<Option<Account>, StoreError> {
+    match tx.query_opt(select_account!("WHERE code = ?1"), &[code.into()])? {
+        Some(row) => Ok(Some(account_from_row(tx, &row)?)),
+        None => Ok(None),
+    }
+}
+
+fn transfer_from_row(row: &Row) -> Result<TransferRecord, StoreError> {
+    let bad = |what: &str| StoreError::Internal(format!("bad transfer {what}"));
+    Ok(TransferRecord {
+        id: TransferId(row.int(0)?),
+        scope: row.text(1)?,
+        key: row.text(2)?,
+        kind: TransferKind::from_code(row.int(3)?).ok_or_else(|| bad("kind"))?,
+        debit: AccountId(row.int(4)?),
+        credit: AccountId(row.int(5)?),
+        currency: Currency::parse(&row.text(6)?).ok_or_else(|| bad("currency"))?,
+        amount: Money::from_minor(row.int(7)?),
+        pending_id: row.opt_int(8)?.map(TransferId),
+        state: PendingState::from_code(row.int(9)?).ok_or_else(|| bad("state"))?,
+        timeout_ms: row.opt_int(10)?,
+        expires_at: row.opt_int(11)?.map(Timestamp::from_millis),
+        created_at: Timestamp::from_millis(row.int(12)?),
+    })
+}
+
+pub fn transfer_by_key(
+    tx: &mut Tx<'_>,
+    scope: &str,
+    key: &str,
+) -> Result<Option<TransferRecord>, StoreError> {
+    tx.query_opt(
+        select_transfer!("WHERE scope = ?1 AND idem_key = ?2"),
+        &[scope.into(), key.into()],
+    )?
+    .map(|r| transfer_from_row(&r))
+    .transpose()
+}
+
+pub fn get_transfer(tx: &mut Tx<'_>, id: TransferId) -> Result<Option<TransferRecord>, StoreError> {
+    tx.query_opt(select_transfer!("WHERE id = ?1"), &[id.0.into()])?
+        .map(|r| transfer_from_row(&r))
+        .transpose()
+}
+
+/// Reads a pending transfer and, on PostgreSQL, locks it until the commit.
+fn lock_transfer(tx: &mut Tx<'_>, id: TransferId) -> Result<Option<TransferRecord>, StoreError> {
+    tx.query_opt(
+        select_transfer!("WHERE id = ?1 /*FOR UPDATE*/"),
+        &[id.0.into()],
+    )?
+    .map(|r| transfer_from_row(&r))
+    .transpose()
+}
+
+/// Inserts a transfer row unless its key is taken. `None`: the key is taken.
+#[allow(clippy::too_many_arguments)]
+fn insert_transfer(
+    tx: &mut Tx<'_>,
+    req: &TransferRequest,
+    kind: TransferKind,
+    debit: AccountId,
+    credit: AccountId,
+    currency: Currency,
+    amount: Money,
+    pending_id: Option<TransferId>,
+    timeout_ms: Option<i64>,
+    expires_at: Option<Timestamp>,
+) -> Result<Option<TransferId>, LedgerOpError> {
+    let now = tx.now().millis();
+    let row = tx
+        .query_opt(
+            "INSERT INTO transfers (scope, idem_key, kind, debit_account, credit_account, currency, amount, pending_id, state, timeout_ms, expires_at, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10, ?11)
+             ON CONFLICT (scope, idem_key) DO NOTHING RETURNING id",
+            &[
+                req.scope.as_str().into(),
+                req.key.as_str().into(),
+                kind.code().into(),
+                debit.0.into(),
+                credit.0.into(),
+                currency.as_str().into(),
+                amount.minor().into(),
+                pending_id.map(|p| p.0).into(),
+                timeout_ms.into(),
+                expires_at.map(|t| t.millis()).into(),
+                now.into(),
+            ],
+        )
+        .map_err(|e| match e {
+            StoreError::Constraint(d) if d.kind == DbErrorKind::ForeignKeyViolation => {
+                LedgerOpError::Rejected(LedgerError::AccountNotFound)
+            }
+            e => LedgerOpError::Store(e),
+        })?;
+    Ok(match row {
+        Some(r) => Some(TransferId(r.int(0)?)),
+        None => None,
+    })
+}
+
+/// The key is taken: a faithful replay gets the original, anything else is refused.
+fn replay(tx: &mut Tx<'_>, req: &TransferRequest) -> Result<Transfer, LedgerOpError> {
+    let record = transfer_by_key(tx, &req.scope, &req.key)?
+        .ok_or_else(|| StoreError::Internal("conflicting idempotency key not found".into()))?;
+    if let Some(field) = record.mismatch(req) {
+        return Err(LedgerError::IdempotencyConflict { field }.into());
+    }
+    Ok(Transfer {
+        record,
+        replayed: true,
+    })
+}
+
+/// Applies `delta` to `account`: at once and only if the account's rules allow
+/// it when it lowers what is available; otherwise queued for the batch's end.
+/// Returns `false` if a never-negative account cannot cover it.
+fn apply_delta(tx: &mut Tx<'_>, account: AccountId, delta: Delta) -> Result<bool, StoreError> {
+    if !delta.needs_check() {
+        tx.defer(account, delta);
+        return Ok(true);
+    }
+    // Queued credits to this account count: they commit with this change.
+    let floor = tx.deferred(account).available_change() + delta.available_change();
+    let changed = tx.execute(
+        "UPDATE accounts
+            SET debits_pending = debits_pending + ?2, debits_posted = debits_posted + ?3,
+                credits_pending = credits_pending + ?4, credits_posted = credits_posted + ?5
+          WHERE id = ?1
+            AND ((flags & 1) = 0 OR credits_posted - debits_posted - debits_pending + ?6 >= 0)",
+        &[
+            account.0.into(),
+            delta.debits_pending.into(),
+            delta.debits_posted.into(),
+            delta.credits_pending.into(),
+            delta.credits_posted.into(),
+            floor.into(),
+        ],
+    )?;
+    Ok(changed == 1)
+}
+
+/// Executes a transfer request.
+pub fn transfer(tx: &mut Tx<'_>, req: &TransferRequest) -> Result<Transfer, LedgerOpError> {
+    req.validate()?;
+    match req.op {
+        TransferOp::Single {
+            debit,
+            credit,
+            currency,
+            amount,
+        } => create(
+            tx,
+            req,
+            TransferKind::Single,
+            debit,
+            credit,
+            currency,
+            amount,
+            None,
+        ),
+        TransferOp::Reserve {
+            debit,
+            credit,
+            currency,
+            amount,
+            timeout,
+        } => create(
+            tx,
+            req,
+            TransferKind::Pending,
+            debit,
+            credit,
+            currency,
+            amount,
+            timeout,
+        ),
+        TransferOp::Post { pending, amount } => resolve(tx, req, pending, Some(amount)),
+        TransferOp::Void { pending } => resolve(tx, req, pending, None),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn create(
+    tx: &mut Tx<'_>,
+    req: &TransferRequest,
+    kind: TransferKind,
+    debit: AccountId,
+    credit: AccountId,
+    currency: Currency,
+    amount: Money,
+    timeout: Option<Duration>,
+) -> Result<Transfer, LedgerOpError> {
+    let timeout_ms = timeout.map(|t| t.as_millis() as i64);
+    let expires_at = timeout.map(|t| tx.now().plus(t));
+    let Some(id) = insert_transfer(
+        tx, req, kind, debit, credit, currency, amount, None, timeout_ms, expires_at,
+    )?
+    else {
+        return replay(tx, req);
+    };
+    let (debit_delta, credit_delta) = effects(kind, amount, None);
+    if !apply_delta(tx, debit, debit_delta)? {
+        // Keep the refusal atomic on its own: the caller may go on and commit
+        // other work, so the row inserted above must not survive.
+        tx.execute("DELETE FROM transfers WHERE id = ?1", &[id.0.into()])?;
+        return Err(LedgerError::InsufficientFunds(debit).into());
+    }
+    let applied = apply_delta(tx, credit, credit_delta)?;
+    debug_assert!(applied, "credits never need a check");
+    Ok(Transfer {
+        record: TransferRecord {
+            id,
+            scope: req.scope.clone(),
+            key: req.key.clone(),
+            kind,
+            debit,
+            credit,
+            currency,
+            amount,
+            pending_id: None,
+            state: PendingState::Pending,
+            timeout_ms,
+            expires_at,
+            created_at: tx.now(),
+        },
+        replayed: false,
+    })
+}
+
+/// Posts (`amount` given) or voids (`None`) a pending transfer.
+fn resolve(
+    tx: &mut Tx<'_>,
+    req: &TransferRequest,
+    pending_id: TransferId,
+    amount: Option<Money>,
+) -> Result<Transfer, LedgerOpError> {
+    // A replay must get its original answer even though the reservation is
+    // no longer open, so the key is looked up before the reservation's state.
+    if transfer_by_key(tx, &req.scope, &req.key)?.is_some() {
+        return replay(tx, req);
+    }
+    let pending = lock_transfer(tx, pending_id)?.ok_or(LedgerError::PendingNotFound)?;
+    check_resolvable(&pending, tx.now())?;
+    let (kind, state, amount) = match amount {
+        Some(a) if a > pending.amount => return Err(LedgerError::ExceedsPending.into()),
+        Some(a) => (TransferKind::Post, PendingState::Posted, a),
+        None => (TransferKind::Void, PendingState::Voided, pending.amount),
+    };
+    let Some(id) = insert_transfer(
+        tx,
+        req,
+        kind,
+        pending.debit,
+        pending.credit,
+        pending.currency,
+        amount,
+        Some(pending.id),
+        None,
+        None,
+    )?
+    else {
+        return replay(tx, req);
+    };
+    settle_pending(tx, &pending, kind, state, amount)?;
+    Ok(Transfer {
+        record: TransferRecord {
+            id,
+            scope: req.scope.clone(),
+            key: req.key.clone(),
+            kind,
+            debit: pending.debit,
+            credit: pending.credit,
+            currency: pending.currency,
+            amount,
+            pending_id: Some(pending.id),
+            state: PendingState::Pending,
+            timeout_ms: None,
+            expires_at: None,
+            created_at: tx.now(),
+        },
+        replayed: false,
+    })
+}
+
+/// Marks a reservation resolved and releases (and for posts, moves) its money.
+fn settle_pending(
+    tx: &mut Tx<'_>,
+    pending: &TransferRecord,
+    kind: TransferKind,
+    state: PendingState,
+    amount: Money,
+) -> Result<(), StoreError> {
+    let changed = tx.execute(
+        "UPDATE transfers SET state = ?2 WHERE id = ?1 AND state = 0",
+        &[pending.id.0.into(), state.code().into()],
+    )?;
+    if changed != 1 {
+        return Err(StoreError::Internal(format!(
+            "{} changed while locked",
+            pending.id
+        )));
+    }
+    let posted = if kind == TransferKind::Post {
+        amount
+    } else {
+        Money::ZERO
+    };
+    let (debit_delta, credit_delta) = effects(kind, posted, Some(pending));
+    // Resolving only ever releases reserved money: no rule can refuse it.
+    debug_assert!(!debit_delta.needs_check() && !credit_delta.needs_check());
+    tx.defer(pending.debit, debit_delta);
+    tx.defer(pending.credit, credit_delta);
+    Ok(())
+}
+
+/// The scope of the ledger's own expiry transfers.
+pub const EXPIRY_SCOPE: &str = "ledger.expiry";
+
+/// Voids up to `limit` reservations whose time has run out. Returns how many.
+pub fn expire_due(tx: &mut Tx<'_>, limit: i64) -> Result<usize, StoreError> {
+    let now = tx.now();
+    let due = tx.query(
+        "SELECT id FROM transfers WHERE kind = 1 AND state = 0 AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2",
+        &[now.millis().into(), limit.into()],
+    )?;
+    let mut expired = 0;
+    for row in due {
+        let id = TransferId(row.int(0)?);
+        let Some(pending) = lock_transfer(tx, id)? else {
+            continue;
+        };
+        if pending.state != PendingState::Pending {
+            continue; // resolved by someone else since the scan
+        }
+        let req = TransferRequest {
+            scope: EXPIRY_SCOPE.into(),
+            key: id.0.to_string(),
+            op: TransferOp::Void { pending: id },
+        };
+        let inserted = insert_transfer(
+            tx,
+            &req,
+            TransferKind::Expire,
+            pending.debit,
+            pending.credit,
+            pending.currency,
+            pending.amount,
+            Some(id),
+            None,
+            None,
+        )
+        .map_err(|e| match e {
+            LedgerOpError::Store(s) => s,
+            LedgerOpError::Rejected(r) => StoreError::Internal(r.to_string()),
+        })?;
+        if inserted.is_some() {
+            settle_pending(
+                tx,
+                &pending,
+                TransferKind::Expire,
+                PendingState::Expired,
+                Money::ZERO,
+            )?;
+            expired += 1;
+        }
+    }
+    Ok(expired)
+}
+
+/// Applies the batch's queued changes, in account order so that two batches
+/// (on two PostgreSQL nodes) can never wait on each other's rows in a cycle.
+pub(crate) fn apply_deferred(tx: &mut Tx<'_>, deferred: &Deferred) -> Result<(), StoreError> {
+    for (account, d) in deferred {
+        if d.is_zero() {
+            continue;
+        }
+        let changed = tx.execute(
+            "UPDATE accounts
+                SET debits_pending = debits_pending + ?2, debits_posted = debits_posted + ?3,
+                    credits_pending = credits_pending + ?4, credits_posted = credits_posted + ?5
+              WHERE id = ?1",
+            &[
+                account.0.into(),
+                d.debits_pending.into(),
+                d.debits_posted.into(),
+                d.credits_pending.into(),
+                d.credits_posted.into(),
+            ],
+        )?;
+        if changed != 1 {
+            return Err(StoreError::Internal(format!(
+                "queued change for missing {account}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The result of checking the ledger against its own rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verification {
+    pub accounts: i64,
+    pub transfers: i64,
+    pub problems: Vec<String>,
+}
+
+impl Verification {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks that balances sum to zero per currency, that every account's totals
+/// equal the sums of its transfers, that no never-negative account is
+/// negative, and that no reservation was posted for more than it held.
+///
+/// Run it in a read transaction so that it sees one consistent snapshot.
+pub fn verify(tx: &mut Tx<'_>) -> Result<Verification, StoreError> {
+    let mut problems = Vec::new();
+    let mut accounts = 0;
+    for row in tx.query(
+        "SELECT currency, COUNT(*),
+                CAST(COALESCE(SUM(credits_posted - debits_posted), 0) AS BIGINT),
+                CAST(COALESCE(SUM(credits_pending - debits_pending), 0) AS BIGINT)
+           FROM accounts GROUP BY currency ORDER BY currency",
+        &[],
+    )? {
+        let (currency, n, posted, pending) = (row.text(0)?, row.int(1)?, row.int(2)?, row.int(3)?);
+        accounts += n;
+        if posted != 0 {
+            problems.push(format!(
+                "{currency}: posted balances sum to {posted}, not 0"
+            ));
+        }
+        if pending != 0 {
+            problems.push(format!(
+                "{currency}: pending balances sum to {pending}, not 0"
+            ));
+        }
+    }
+
+    for row in tx.query(
+        "WITH legs AS (
+             SELECT debit_account AS account,
+                    CASE WHEN kind IN (0, 2) THEN amount ELSE 0 END AS dpost,
+                    CASE WHEN kind = 1 AND state = 0 THEN amount ELSE 0 END AS dpend,
+                    0 AS cpost, 0 AS cpend
+               FROM transfers
+             UNION ALL
+             SELECT credit_account, 0, 0,
+                    CASE WHEN kind IN (0, 2) THEN amount ELSE 0 END,
+                    CASE WHEN kind = 1 AND state = 0 THEN amount ELSE 0 END
+               FROM transfers
+         ), sums AS (
+             SELECT account, SUM(dpost) AS dpost, SUM(dpend) AS dpend,
+                    SUM(cpost) AS cpost, SUM(cpend) AS cpend
+               FROM legs GROUP BY account
+         )
+         SELECT a.code, a.debits_posted, a.debits_pending, a.credits_posted, a.credits_pending,
+                CAST(COALESCE(s.dpost, 0) AS BIGINT), CAST(COALESCE(s.dpend, 0) AS BIGINT),
+                CAST(COALESCE(s.cpost, 0) AS BIGINT), CAST(COALESCE(s.cpend, 0) AS BIGINT)
+           FROM accounts a LEFT JOIN sums s ON s.account = a.id
+          WHERE a.debits_posted <> COALESCE(s.dpost, 0) OR a.debits_pending <> COALESCE(s.dpend, 0)
+             OR a.credits_posted <> COALESCE(s.cpost, 0) OR a.credits_pending <> COALESCE(s.cpend, 0)
+          ORDER BY a.id LIMIT 100",
+        &[],
+    )? {
+        problems.push(format!(
+            "{}: totals (dpost {}, dpend {}, cpost {}, cpend {}) differ from its transfers ({}, {}, {}, {})",
+            row.text(0)?,
+            row.int(1)?,
+            row.int(2)?,
+            row.int(3)?,
+            row.int(4)?,
+            row.int(5)?,
+            row.int(6)?,
+            row.int(7)?,
+            row.int(8)?,
+        ));
+    }
+
+    for row in tx.query(
+        "SELECT code, credits_posted - debits_posted - debits_pending FROM accounts
+          WHERE (flags & 1) = 1 AND credits_posted - debits_posted - debits_pending < 0
+          ORDER BY id LIMIT 100",
+        &[],
+    )? {
+        problems.push(format!(
+            "{}: never-negative account has {} available",
+            row.text(0)?,
+            Money::from_minor(row.int(1)?)
+        ));
+    }
+
+    for row in tx.query(
+        "SELECT p.id, p.amount, x.amount FROM transfers x JOIN transfers p ON p.id = x.pending_id
+          WHERE x.kind = 2 AND x.amount > p.amount LIMIT 100",
+        &[],
+    )? {
+        problems.push(format!(
+            "transfer {}: posted {} of a {} reservation",
+            row.int(0)?,
+            row.int(2)?,
+            row.int(1)?
+        ));
+    }
+
+    let transfers = tx
+        .query_one("SELECT COUNT(*) FROM transfers", &[])?
+        .int(0)?;
+    Ok(Verification {
+        accounts,
+        transfers,
+        problems,
+    })
+}
+
+/// Parameters for a single transfer in the common case.
+pub fn single(
+    scope: &str,
+    key: impl Into<String>,
+    debit: AccountId,
+    credit: AccountId,
+    currency: Currency,
+    amount: Money,
+) -> TransferRequest {
+    TransferRequest {
+        scope: scope.into(),
+        key: key.into(),
+        op: TransferOp::Single {
+            debit,
+            credit,
+            currency,
+            amount,
+        },
+    }
+}

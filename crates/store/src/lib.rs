@@ -1,0 +1,398 @@
+//! payrail's persistence.
+//!
+//! Everything durable (the ledger, every rail's state, the sandbox's clock and
+//! outbox) lives behind one interface: a unit of work is a closure over a
+//! [`Tx`], run by [`Store::write`] (durable when it returns) or
+//! [`Store::read`] (a consistent snapshot). Rails express their rules in Rust
+//! against the typed functions of this crate's modules and never see SQL.
+//!
+//! Engines: SQLite (embedded, the default) and PostgreSQL (several nodes). Both
+//! run the same queries through the [`conn::Conn`] seam.
+
+pub mod conn;
+pub mod ledger;
+mod migrate;
+pub mod mobikwik;
+pub mod outbox;
+pub mod sandbox;
+pub mod seal;
+mod sqlite;
+mod tx;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+use payrail_core::Clock;
+use tokio::sync::{Semaphore, oneshot};
+
+pub use conn::{DbError, DbErrorKind, Dialect};
+pub use ledger::LedgerOpError;
+pub use seal::{MasterKey, Sealer};
+pub use tx::Tx;
+
+use conn::Conn;
+use tx::Deferred;
+use writer::{Connect, Job, Msg, Outcome, WriterConfig};
+
+/// A store failure. Its `Display` is safe to show; details (SQL, engine
+/// messages) are only in `Debug`, for logs.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable")]
+    Unavailable(String),
+    #[error("database busy")]
+    Busy(DbError),
+    #[error("database constraint violated")]
+    Constraint(DbError),
+    #[error("store closed")]
+    Closed,
+    #[error("internal store error")]
+    Internal(String),
+}
+
+impl From<DbError> for StoreError {
+    fn from(e: DbError) -> StoreError {
+        match e.kind {
+            DbErrorKind::UniqueViolation
+            | DbErrorKind::ForeignKeyViolation
+            | DbErrorKind::CheckViolation => StoreError::Constraint(e),
+            DbErrorKind::Retryable => StoreError::Busy(e),
+            DbErrorKind::Unavailable => StoreError::Unavailable(e.detail),
+            DbErrorKind::Other => StoreError::Internal(e.detail),
+        }
+    }
+}
+
+/// Where the data lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    /// `sqlite://PATH`, `sqlite:PATH`, a bare path, or `postgres://...`.
+    pub fn parse(url: &str) -> Result<Location, String> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Location::Postgres(url.to_string()));
+        }
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .unwrap_or(url);
+        if path.is_empty() || path.contains("://") {
+            return Err(format!(
+                "unsupported database URL {url:?}: use sqlite://PATH or postgres://..."
+            ));
+        }
+        Ok(Location::Sqlite(PathBuf::from(path)))
+    }
+}
+
+/// How to open a store.
+pub struct Options {
+    pub location: Location,
+    pub master_key: MasterKey,
+    pub clock: Arc<dyn Clock>,
+    /// Read the sandbox clock offset (sandbox mode only).
+    pub sandbox_clock: bool,
+    /// Most units one commit may carry.
+    pub max_batch: usize,
+    /// Units waiting for a writer before callers are made to wait.
+    pub queue_capacity: usize,
+    /// Reader connections.
+    pub readers: usize,
+}
+
+impl Options {
+    pub fn new(location: Location, master_key: MasterKey, clock: Arc<dyn Clock>) -> Options {
+        Options {
+            location,
+            master_key,
+            clock,
+            sandbox_clock: false,
+            max_batch: 1024,
+            queue_capacity: 65_536,
+            readers: 8,
+        }
+    }
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    jobs: flume::Sender<Msg>,
+    writers: Mutex<Vec<JoinHandle<()>>>,
+    writer_count: usize,
+    read_permits: Arc<Semaphore>,
+    idle_readers: Mutex<Vec<Box<dyn Conn>>>,
+    connect_reader: Connect,
+    sealer: Sealer,
+    clock: Arc<dyn Clock>,
+    sandbox_clock: bool,
+    dialect: Dialect,
+    closed: AtomicBool,
+}
+
+/// A closure queued as a unit of work, with the channel its answer goes back on.
+struct ClosureJob<F, T, E> {
+    f: F,
+    result: Option<Result<T, E>>,
+    reply: oneshot::Sender<Result<T, E>>,
+}
+
+impl<F, T, E> Job for ClosureJob<F, T, E>
+where
+    F: FnMut(&mut Tx<'_>) -> Result<T, E> + Send,
+    T: Send,
+    E: From<StoreError> + Send,
+{
+    fn run(&mut self, tx: &mut Tx<'_>) -> Outcome {
+        self.result = None;
+        let r = (self.f)(tx);
+        let outcome = if r.is_ok() {
+            Outcome::Commit
+        } else {
+            Outcome::Rollback
+        };
+        self.result = Some(r);
+        outcome
+    }
+
+    fn finish(self: Box<Self>, durable: Result<(), StoreError>) {
+        let answer = match (durable, self.result) {
+            (Ok(()), Some(r)) => r,
+            (Ok(()), None) => Err(E::from(StoreError::Internal(
+                "unit of work never ran".into(),
+            ))),
+            (Err(e), _) => Err(E::from(e)),
+        };
+        // The caller may have gone away; the work is done either way.
+        let _ = self.reply.send(answer);
+    }
+}
+
+impl Store {
+    /// Opens (creating and migrating if needed) the store at `opts.location`.
+    pub async fn open(opts: Options) -> Result<Store, StoreError> {
+        tokio::task::spawn_blocking(move || Store::open_blocking(opts))
+            .await
+            .map_err(|e| StoreError::Internal(format!("open task failed: {e}")))?
+    }
+
+    fn open_blocking(opts: Options) -> Result<Store, StoreError> {
+        match &opts.location {
+            Location::Sqlite(path) => {
+                let path = path.clone();
+                let mut writer_conn = sqlite::SqliteConn::open(&path, sqlite::Role::Writer)?;
+                migrate::run(&mut writer_conn, migrate::SQLITE, opts.clock.now().millis())?;
+                let reader_path = path.clone();
+                let connect_reader: Connect = Arc::new(move || {
+                    Ok(Box::new(sqlite::SqliteConn::open(
+                        &reader_path,
+                        sqlite::Role::Reader,
+                    )?) as Box<dyn Conn>)
+                });
+                let connect_writer: Connect = Arc::new(move || {
+                    Ok(
+                        Box::new(sqlite::SqliteConn::open(&path, sqlite::Role::Writer)?)
+                            as Box<dyn Conn>,
+                    )
+                });
+                // SQLite allows one writer at a time: one writer thread.
+                Ok(Store::start(
+                    opts,
+                    Dialect::Sqlite,
+                    vec![Some(Box::new(writer_conn) as Box<dyn Conn>)],
+                    connect_writer,
+                    connect_reader,
+                ))
+            }
+            Location::Postgres(_) => Err(StoreError::Internal(
+                "PostgreSQL support is not built yet".into(),
+            )),
+        }
+    }
+
+    fn start(
+        opts: Options,
+        dialect: Dialect,
+        writer_conns: Vec<Option<Box<dyn Conn>>>,
+        connect_writer: Connect,
+        connect_reader: Connect,
+    ) -> Store {
+        let sealer = Sealer::new(&opts.master_key);
+        let (tx, rx) = flume::bounded(opts.queue_capacity);
+        let cfg = Arc::new(WriterConfig {
+            max_batch: opts.max_batch.max(1),
+            max_attempts: 5,
+            clock: Arc::clone(&opts.clock),
+            sandbox_clock: opts.sandbox_clock,
+            sealer: sealer.clone(),
+            connect: connect_writer,
+        });
+        let writer_count = writer_conns.len();
+        let handles = writer_conns
+            .into_iter()
+            .enumerate()
+            .map(|(i, conn)| {
+                let rx = rx.clone();
+                let cfg = Arc::clone(&cfg);
+                std::thread::Builder::new()
+                    .name(format!("payrail-writer-{i}"))
+                    .spawn(move || writer::run(conn, rx, cfg))
+                    .expect("spawning a writer thread")
+            })
+            .collect();
+        Store {
+            inner: Arc::new(Inner {
+                jobs: tx,
+                writers: Mutex::new(handles),
+                writer_count,
+                read_permits: Arc::new(Semaphore::new(opts.readers.max(1))),
+                idle_readers: Mutex::new(Vec::new()),
+                connect_reader,
+                sealer,
+                clock: opts.clock,
+                sandbox_clock: opts.sandbox_clock,
+                dialect,
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.inner.dialect
+    }
+
+    pub fn sealer(&self) -> &Sealer {
+        &self.inner.sealer
+    }
+
+    /// Runs `f` as a unit of work and returns its result once it is durable.
+    ///
+    /// `Ok` keeps the unit's changes, `Err` undoes all of them. The unit shares
+    /// a transaction and a commit with whatever else is waiting (group commit);
+    /// its answer is sent only after that commit, and if the commit fails the
+    /// answer is the commit's error, never a success that was not saved.
+    ///
+    /// `f` runs on the writer thread, synchronously: it must not block on
+    /// anything but the database. It may run more than once if the database
+    /// asks for a retry (PostgreSQL deadlocks), so it must not consume its
+    /// captures.
+    pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnMut(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(E::from(StoreError::Closed));
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Box::new(ClosureJob {
+            f,
+            result: None,
+            reply,
+        });
+        if self.inner.jobs.send_async(Msg::Job(job)).await.is_err() {
+            return Err(E::from(StoreError::Closed));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(E::from(StoreError::Closed)))
+    }
+
+    /// Runs `f` against a consistent read-only snapshot, on a reader
+    /// connection: reads never wait for the writer.
+    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let permit = Arc::clone(&self.inner.read_permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| E::from(StoreError::Closed))?;
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            inner.run_read(f)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(E::from(StoreError::Internal(format!(
+                "read task failed: {e}"
+            ))))
+        })
+    }
+
+    /// Is the database reachable?
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|tx| tx.query_one("SELECT 1", &[]).map(|_| ()))
+            .await
+    }
+
+    /// Stops taking work, commits everything already queued, and waits for
+    /// the writers to finish.
+    pub async fn close(&self) {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for _ in 0..self.inner.writer_count {
+            let _ = self.inner.jobs.send_async(Msg::Stop).await;
+        }
+        let handles = std::mem::take(&mut *self.inner.writers.lock());
+        let _ = tokio::task::spawn_blocking(move || {
+            for h in handles {
+                let _ = h.join();
+            }
+        })
+        .await;
+    }
+}
+
+impl Inner {
+    fn run_read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E>,
+        E: From<StoreError>,
+    {
+        let pooled = self.idle_readers.lock().pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => (self.connect_reader)().map_err(|e| E::from(e.into()))?,
+        };
+        let begin = match self.dialect {
+            Dialect::Sqlite => "BEGIN",
+            Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        };
+        let mut broken = false;
+        let result = (|| {
+            conn.batch(begin).map_err(|e| E::from(e.into()))?;
+            let now = writer::read_now(conn.as_mut(), &*self.clock, self.sandbox_clock)
+                .map_err(E::from)?;
+            let empty = Deferred::new();
+            let mut tx = Tx::new(conn.as_mut(), now, &self.sealer, &empty, false);
+            let r = f(&mut tx);
+            broken = tx.failed;
+            r
+        })();
+        let end = if broken { "ROLLBACK" } else { "COMMIT" };
+        match conn.batch(end) {
+            Ok(()) => self.idle_readers.lock().push(conn),
+            // A connection that cannot end its transaction is not reused.
+            Err(e) => tracing::warn!(error = %e, "dropping a reader connection"),
+        }
+        result
+    }
+}

@@ -1,0 +1,92 @@
+//! Schema migrations, embedded in the binary and applied in order at start.
+//!
+//! Each applied migration is recorded with a digest of its text; a recorded
+//! migration whose text has since changed stops the start, because the
+//! database no longer matches what the code expects.
+
+use sha2::{Digest, Sha256};
+
+use crate::StoreError;
+use crate::conn::Conn;
+
+pub(crate) struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+macro_rules! migrations {
+    ($dir:literal: $($version:literal $name:literal),* $(,)?) => {
+        &[$(Migration {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!("../migrations/", $dir, "/", $name, ".sql")),
+        }),*]
+    };
+}
+
+pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
+    1 "0001_ledger",
+    2 "0002_platform",
+    3 "0003_mobikwik",
+);
+
+fn digest(sql: &str) -> String {
+    hex::encode(Sha256::digest(sql.as_bytes()))
+}
+
+/// Applies every migration not yet applied, each in its own transaction.
+pub(crate) fn run(conn: &mut dyn Conn, set: &[Migration], now_ms: i64) -> Result<(), StoreError> {
+    conn.batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    BIGINT PRIMARY KEY,
+             name       TEXT   NOT NULL,
+             digest     TEXT   NOT NULL,
+             applied_at BIGINT NOT NULL
+         )",
+    )?;
+    let applied = conn.query(
+        "SELECT version, name, digest FROM schema_migrations ORDER BY version",
+        &[],
+    )?;
+    for m in set {
+        let d = digest(m.sql);
+        if let Some(row) = applied.iter().find(|r| r.int(0).ok() == Some(m.version)) {
+            if row.text(2)? != d {
+                return Err(StoreError::Internal(format!(
+                    "migration {} ({}) was changed after it was applied",
+                    m.version, m.name
+                )));
+            }
+            continue;
+        }
+        conn.batch("BEGIN")?;
+        let result = conn.batch(m.sql).and_then(|()| {
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, digest, applied_at) VALUES (?1, ?2, ?3, ?4)",
+                &[m.version.into(), m.name.into(), d.as_str().into(), now_ms.into()],
+            )
+        });
+        match result {
+            Ok(_) => conn.batch("COMMIT")?,
+            Err(e) => {
+                let _ = conn.batch("ROLLBACK");
+                return Err(StoreError::Internal(format!(
+                    "migration {} failed: {e}",
+                    m.name
+                )));
+            }
+        }
+        tracing::info!(version = m.version, name = m.name, "applied migration");
+    }
+    if let Some(row) = applied
+        .iter()
+        .find(|r| r.int(0).ok() > set.last().map(|m| m.version))
+    {
+        return Err(StoreError::Internal(format!(
+            "database has migration {} which this build does not know; refusing to run an older build on it",
+            row.int(0)?
+        )));
+    }
+    Ok(())
+}

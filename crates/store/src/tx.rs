@@ -1,0 +1,146 @@
+//! The transaction a unit of work runs in.
+
+use std::collections::BTreeMap;
+
+use payrail_core::{AccountId, Delta, Timestamp};
+
+use crate::StoreError;
+use crate::conn::{Conn, DbErrorKind, Param, Row};
+use crate::seal::Sealer;
+
+/// Balance changes that cannot break any rule (credits, releases), applied to
+/// the account rows once per batch, just before the commit, instead of once
+/// per request. A merchant credited by a thousand debits in one batch is
+/// updated once, and on PostgreSQL its row is locked only for that moment.
+pub(crate) type Deferred = BTreeMap<AccountId, Delta>;
+
+/// One unit of work's view of the database: queries, the current time, and
+/// the batch it shares a commit with.
+///
+/// Everything a unit does is undone together if it fails; see
+/// [`crate::Store::write`].
+pub struct Tx<'a> {
+    conn: &'a mut dyn Conn,
+    now: Timestamp,
+    sealer: &'a Sealer,
+    batch_deferred: &'a Deferred,
+    job_deferred: Vec<(AccountId, Delta)>,
+    writable: bool,
+    /// A database error happened: on PostgreSQL the transaction is unusable
+    /// until rolled back, so the unit's work is discarded whatever it returns.
+    pub(crate) failed: bool,
+    /// The error was a deadlock or lock timeout: run the unit again later.
+    pub(crate) retry: bool,
+}
+
+impl<'a> Tx<'a> {
+    pub(crate) fn new(
+        conn: &'a mut dyn Conn,
+        now: Timestamp,
+        sealer: &'a Sealer,
+        batch_deferred: &'a Deferred,
+        writable: bool,
+    ) -> Tx<'a> {
+        Tx {
+            conn,
+            now,
+            sealer,
+            batch_deferred,
+            job_deferred: Vec::new(),
+            writable,
+            failed: false,
+            retry: false,
+        }
+    }
+
+    /// The time every rule in this unit uses: the clock (with the sandbox's
+    /// offset) as read when the batch began.
+    pub fn now(&self) -> Timestamp {
+        self.now
+    }
+
+    pub(crate) fn set_now(&mut self, now: Timestamp) {
+        self.now = now;
+    }
+
+    pub fn sealer(&self) -> &Sealer {
+        self.sealer
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    fn note(&mut self, e: crate::conn::DbError) -> StoreError {
+        self.failed = true;
+        if e.kind == DbErrorKind::Retryable {
+            self.retry = true;
+        }
+        StoreError::from(e)
+    }
+
+    pub(crate) fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> Result<u64, StoreError> {
+        match self.conn.execute(sql, params) {
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.note(e)),
+        }
+    }
+
+    pub(crate) fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<Row>, StoreError> {
+        match self.conn.query(sql, params) {
+            Ok(rows) => Ok(rows),
+            Err(e) => Err(self.note(e)),
+        }
+    }
+
+    pub(crate) fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> Result<Option<Row>, StoreError> {
+        Ok(self.query(sql, params)?.into_iter().next())
+    }
+
+    pub(crate) fn query_one(
+        &mut self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> Result<Row, StoreError> {
+        self.query_opt(sql, params)?
+            .ok_or_else(|| StoreError::Internal(format!("query returned no row: {sql}")))
+    }
+
+    /// Queues a rule-safe balance change for the end of the batch.
+    pub(crate) fn defer(&mut self, account: AccountId, delta: Delta) {
+        if !delta.is_zero() {
+            self.job_deferred.push((account, delta));
+        }
+    }
+
+    /// Changes queued for `account` in this batch and not yet applied.
+    pub(crate) fn deferred(&self, account: AccountId) -> Delta {
+        let mut total = self
+            .batch_deferred
+            .get(&account)
+            .copied()
+            .unwrap_or_default();
+        for (a, d) in &self.job_deferred {
+            if *a == account {
+                total.add(d);
+            }
+        }
+        total
+    }
+
+    pub(crate) fn take_deferred(&mut self) -> Vec<(AccountId, Delta)> {
+        std::mem::take(&mut self.job_deferred)
+    }
+}

@@ -1,0 +1,379 @@
+//! Many tasks racing on one account through the real writer.
+
+mod common;
+
+use std::sync::Arc;
+
+use payrail_core::{AccountFlags, AccountId, Currency, LedgerError, Money};
+use payrail_store::ledger::{self, LedgerOpError};
+use payrail_store::{Store, StoreError};
+
+async fn accounts(store: &Store, n: usize) -> Vec<AccountId> {
+    store
+        .write(move |tx| {
+            (0..n)
+                .map(|i| {
+                    let flags = if i == 0 {
+                        AccountFlags::NONE
+                    } else {
+                        AccountFlags::NEVER_NEGATIVE
+                    };
+                    ledger::open_account(tx, &format!("acct-{i}"), Currency::INR, flags)
+                })
+                .collect::<Result<Vec<_>, LedgerOpError>>()
+        })
+        .await
+        .unwrap()
+}
+
+async fn fund(store: &Store, from: AccountId, to: AccountId, minor: i64) {
+    store
+        .write(move |tx| {
+            ledger::transfer(
+                tx,
+                &ledger::single(
+                    "test",
+                    "fund",
+                    from,
+                    to,
+                    Currency::INR,
+                    Money::from_minor(minor),
+                ),
+            )
+        })
+        .await
+        .unwrap();
+}
+
+async fn verify_ok(store: &Store) -> ledger::Verification {
+    let v = store.read(ledger::verify).await.unwrap();
+    assert!(v.ok(), "{:?}", v.problems);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_k_of_n_debits_succeed_on_a_never_negative_account() {
+    const K: usize = 37;
+    const N: usize = 400;
+    let t = common::open().await;
+    let store = t.store.clone();
+    let a = accounts(&store, 3).await;
+    let (issuer, hot, merchant) = (a[0], a[1], a[2]);
+    fund(&store, issuer, hot, 250 * K as i64).await;
+
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .write(move |tx| {
+                    ledger::transfer(
+                        tx,
+                        &ledger::single(
+                            "test",
+                            format!("debit-{i}"),
+                            hot,
+                            merchant,
+                            Currency::INR,
+                            Money::from_minor(250),
+                        ),
+                    )
+                })
+                .await
+        }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(tr) => {
+                assert!(!tr.replayed);
+                ok += 1;
+            }
+            Err(LedgerOpError::Rejected(LedgerError::InsufficientFunds(acct))) => {
+                assert_eq!(acct, hot);
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!((ok, refused), (K, N - K));
+    let (hot_acct, merchant_acct) = store
+        .read(move |tx| {
+            Ok::<_, StoreError>((
+                ledger::account(tx, hot)?.unwrap(),
+                ledger::account(tx, merchant)?.unwrap(),
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(hot_acct.balances.balance(), Money::ZERO);
+    assert_eq!(
+        merchant_acct.balances.balance(),
+        Money::from_minor(250 * K as i64)
+    );
+    let v = verify_ok(&store).await;
+    // funding + K debits; refused debits left nothing behind
+    assert_eq!(v.transfers, 1 + K as i64);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_replays_create_nothing_twice() {
+    const KEYS: usize = 20;
+    const COPIES: usize = 25;
+    let t = common::open().await;
+    let store = t.store.clone();
+    let a = accounts(&store, 3).await;
+    let (issuer, wallet, merchant) = (a[0], a[1], a[2]);
+    fund(&store, issuer, wallet, 1_000_000).await;
+
+    let mut tasks = Vec::new();
+    for copy in 0..COPIES {
+        for k in 0..KEYS {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                // One copy per key changes the amount: it must be refused,
+                // whichever copy happens to arrive first.
+                let amount = if copy == 7 { 101 } else { 100 };
+                let r = store
+                    .write(move |tx| {
+                        ledger::transfer(
+                            tx,
+                            &ledger::single(
+                                "test",
+                                format!("order-{k}"),
+                                wallet,
+                                merchant,
+                                Currency::INR,
+                                Money::from_minor(amount),
+                            ),
+                        )
+                    })
+                    .await;
+                (k, amount, r)
+            }));
+        }
+    }
+    let mut ids = std::collections::HashMap::new();
+    let mut fresh = std::collections::HashMap::<usize, usize>::new();
+    let mut conflicts = 0;
+    for t in tasks {
+        let (k, amount, r) = t.await.unwrap();
+        match r {
+            Ok(tr) => {
+                let id = *ids.entry(k).or_insert(tr.record.id);
+                assert_eq!(
+                    id, tr.record.id,
+                    "key {k} answered with two different transfers"
+                );
+                assert_eq!(tr.record.amount, Money::from_minor(amount));
+                if !tr.replayed {
+                    *fresh.entry(k).or_default() += 1;
+                }
+            }
+            Err(LedgerOpError::Rejected(LedgerError::IdempotencyConflict { field: "amount" })) => {
+                conflicts += 1
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert!(
+        fresh.values().all(|n| *n == 1) && fresh.len() == KEYS,
+        "{fresh:?}"
+    );
+    // Each key: either the odd copy came first (and the 24 others conflict) or
+    // it conflicts alone. Either way every key has exactly one transfer.
+    assert!(conflicts >= KEYS);
+    let v = verify_ok(&store).await;
+    assert_eq!(v.transfers, 1 + KEYS as i64);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_transfer_inside_a_committed_unit_leaves_nothing() {
+    let t = common::open().await;
+    let store = t.store.clone();
+    let a: [AccountId; 3] = accounts(&store, 3).await.try_into().unwrap();
+    // The unit carries on after the refusal and commits other work.
+    let outcome = store
+        .write(move |tx| {
+            let refused = ledger::transfer(
+                tx,
+                &ledger::single(
+                    "test",
+                    "too-much",
+                    a[1],
+                    a[2],
+                    Currency::INR,
+                    Money::from_minor(1),
+                ),
+            );
+            let ok = ledger::transfer(
+                tx,
+                &ledger::single(
+                    "test",
+                    "fine",
+                    a[0],
+                    a[2],
+                    Currency::INR,
+                    Money::from_minor(5),
+                ),
+            )?;
+            Ok::<_, LedgerOpError>((refused.err(), ok.replayed))
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        outcome.0,
+        Some(LedgerOpError::Rejected(LedgerError::InsufficientFunds(_)))
+    ));
+    let (gone, v) = store
+        .read(|tx| {
+            Ok::<_, StoreError>((
+                ledger::transfer_by_key(tx, "test", "too-much")?,
+                ledger::verify(tx)?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert!(gone.is_none());
+    assert_eq!(v.transfers, 1);
+    assert!(v.ok());
+    // And the key stays free for a later, fundable attempt.
+    fund(&store, a[0], a[1], 10).await;
+    store
+        .write(move |tx| {
+            ledger::transfer(
+                tx,
+                &ledger::single(
+                    "test",
+                    "too-much",
+                    a[1],
+                    a[2],
+                    Currency::INR,
+                    Money::from_minor(1),
+                ),
+            )
+        })
+        .await
+        .unwrap();
+    store.close().await;
+}
+
+#[tokio::test]
+async fn currencies_do_not_mix_and_unknown_accounts_are_refused() {
+    let t = common::open().await;
+    let store = t.store.clone();
+    let a: [AccountId; 2] = accounts(&store, 2).await.try_into().unwrap();
+    let ngn = store
+        .write(|tx| ledger::open_account(tx, "naira", Currency::NGN, AccountFlags::NONE))
+        .await
+        .unwrap();
+    let cross = store
+        .write(move |tx| {
+            ledger::transfer(
+                tx,
+                &ledger::single("test", "x", a[0], ngn, Currency::INR, Money::from_minor(1)),
+            )
+        })
+        .await;
+    assert!(
+        matches!(
+            cross,
+            Err(LedgerOpError::Rejected(LedgerError::AccountNotFound))
+        ),
+        "{cross:?}"
+    );
+    let ghost = store
+        .write(move |tx| {
+            ledger::transfer(
+                tx,
+                &ledger::single(
+                    "test",
+                    "y",
+                    a[0],
+                    AccountId(999_999),
+                    Currency::INR,
+                    Money::from_minor(1),
+                ),
+            )
+        })
+        .await;
+    assert!(
+        matches!(
+            ghost,
+            Err(LedgerOpError::Rejected(LedgerError::AccountNotFound))
+        ),
+        "{ghost:?}"
+    );
+    // Re-opening an account with other flags is a conflict, not a second account.
+    let reopened = store
+        .write(|tx| ledger::open_account(tx, "naira", Currency::NGN, AccountFlags::NEVER_NEGATIVE))
+        .await;
+    assert!(matches!(
+        reopened,
+        Err(LedgerOpError::Rejected(LedgerError::IdempotencyConflict {
+            field: "flags"
+        }))
+    ));
+    verify_ok(&store).await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_unit_is_rolled_back_alone() {
+    let t = common::open().await;
+    let store = t.store.clone();
+    let a = Arc::new(accounts(&store, 3).await);
+    let b = Arc::clone(&a);
+    let boom = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .write(move |tx| {
+                    ledger::transfer(
+                        tx,
+                        &ledger::single(
+                            "test",
+                            "boom",
+                            b[0],
+                            b[1],
+                            Currency::INR,
+                            Money::from_minor(3),
+                        ),
+                    )?;
+                    if tx.is_writable() {
+                        panic!("deliberate panic inside a unit of work");
+                    }
+                    Ok::<_, LedgerOpError>(())
+                })
+                .await
+        }
+    });
+    let fine = store
+        .write({
+            let a = Arc::clone(&a);
+            move |tx| {
+                ledger::transfer(
+                    tx,
+                    &ledger::single(
+                        "test",
+                        "fine",
+                        a[0],
+                        a[2],
+                        Currency::INR,
+                        Money::from_minor(4),
+                    ),
+                )
+            }
+        })
+        .await;
+    assert!(matches!(
+        boom.await.unwrap(),
+        Err(LedgerOpError::Store(StoreError::Internal(_)))
+    ));
+    assert!(fine.is_ok());
+    let v = verify_ok(&store).await;
+    assert_eq!(v.transfers, 1);
+    store.close().await;
+}

@@ -1,0 +1,203 @@
+//! Durability under SIGKILL: a child process writes units of work (two
+//! transfers each) as fast as it can and prints each one's number once the
+//! store has acknowledged it. The parent kills it at a random moment, reopens
+//! the database and checks that every acknowledged unit is there, that no unit
+//! is there by half, and that the ledger verifies.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use payrail_core::{AccountFlags, Currency, Money, SystemClock};
+use payrail_store::ledger::{self, LedgerOpError};
+use payrail_store::{Store, StoreError};
+
+const CHILD_ENV: &str = "PAYRAIL_CRASH_CHILD_DIR";
+const WALLETS: usize = 16;
+
+/// The child's body; runs only when the parent starts this binary with
+/// `CHILD_ENV` set.
+#[test]
+#[ignore = "started by acknowledged_work_survives_sigkill"]
+fn crash_child() {
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let store = common::open_in(std::path::Path::new(&dir), Arc::new(SystemClock)).await;
+        let accounts = store
+            .write(|tx| {
+                let issuer = ledger::open_account(tx, "issuer", Currency::INR, AccountFlags::NONE)?;
+                let merchant = ledger::open_account(
+                    tx,
+                    "merchant",
+                    Currency::INR,
+                    AccountFlags::NEVER_NEGATIVE,
+                )?;
+                let wallets = (0..WALLETS)
+                    .map(|i| {
+                        ledger::open_account(
+                            tx,
+                            &format!("wallet-{i}"),
+                            Currency::INR,
+                            AccountFlags::NEVER_NEGATIVE,
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok::<_, LedgerOpError>((issuer, merchant, wallets))
+            })
+            .await
+            .unwrap();
+        let accounts = Arc::new(accounts);
+        println!("ready");
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut workers = Vec::new();
+        for _ in 0..48 {
+            let (store, accounts, next) = (store.clone(), Arc::clone(&accounts), Arc::clone(&next));
+            workers.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let a = Arc::clone(&accounts);
+                    store
+                        .write(move |tx| {
+                            let (issuer, merchant, wallets) = &*a;
+                            let w = wallets[i as usize % WALLETS];
+                            let amt = Money::from_minor(100 + (i % 7) as i64);
+                            ledger::transfer(
+                                tx,
+                                &ledger::single(
+                                    "crash",
+                                    format!("u{i}:a"),
+                                    *issuer,
+                                    w,
+                                    Currency::INR,
+                                    amt,
+                                ),
+                            )?;
+                            ledger::transfer(
+                                tx,
+                                &ledger::single(
+                                    "crash",
+                                    format!("u{i}:b"),
+                                    w,
+                                    *merchant,
+                                    Currency::INR,
+                                    amt,
+                                ),
+                            )?;
+                            Ok::<_, LedgerOpError>(())
+                        })
+                        .await
+                        .expect("unit of work");
+                    // Printed only after the store said the unit is durable.
+                    println!("ack {i}");
+                }
+            }));
+        }
+        for w in workers {
+            let _ = w.await;
+        }
+    });
+}
+
+#[test]
+fn acknowledged_work_survives_sigkill() {
+    for round in 0..6 {
+        let dir = tempfile::tempdir().unwrap();
+        let kill_after: usize = if round == 0 {
+            0
+        } else {
+            rand::random_range(1..4_000)
+        };
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "crash_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start child");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut acked = Vec::new();
+        let mut ready = false;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            // libtest prints "test crash_child ... " without a newline first.
+            if line.ends_with("ready") {
+                ready = true;
+            } else if let Some(i) = line.strip_prefix("ack ") {
+                acked.push(i.parse::<u64>().unwrap());
+            }
+            if ready && acked.len() >= kill_after {
+                break;
+            }
+        }
+        assert!(ready, "child never became ready");
+        child.kill().expect("SIGKILL"); // std sends SIGKILL on Unix
+        // Acknowledgements already printed before the kill count too.
+        for line in lines {
+            if let Some(i) = line.unwrap().strip_prefix("ack ") {
+                acked.push(i.parse().unwrap());
+            }
+        }
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "child ended on its own");
+
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let store: Store = common::open_in(dir.path(), Arc::new(SystemClock)).await;
+            let acked_count = acked.len();
+            let (missing, halves, units, verification) = store
+                .read(move |tx| {
+                    let mut missing = Vec::new();
+                    for i in &acked {
+                        for half in ["a", "b"] {
+                            if ledger::transfer_by_key(tx, "crash", &format!("u{i}:{half}"))?
+                                .is_none()
+                            {
+                                missing.push(format!("u{i}:{half}"));
+                            }
+                        }
+                    }
+                    let v = ledger::verify(tx)?;
+                    // Every unit present is present whole: transfers come in pairs.
+                    let mut halves = Vec::new();
+                    let units = (v.transfers) / 2;
+                    for i in 0..(units as u64 + 64) {
+                        let a = ledger::transfer_by_key(tx, "crash", &format!("u{i}:a"))?.is_some();
+                        let b = ledger::transfer_by_key(tx, "crash", &format!("u{i}:b"))?.is_some();
+                        if a != b {
+                            halves.push(i);
+                        }
+                    }
+                    Ok::<_, StoreError>((missing, halves, v.transfers, v))
+                })
+                .await
+                .unwrap();
+            assert!(
+                missing.is_empty(),
+                "round {round}: acknowledged but lost: {missing:?}"
+            );
+            assert!(
+                halves.is_empty(),
+                "round {round}: half-written units {halves:?}"
+            );
+            assert_eq!(units % 2, 0, "round {round}: odd number of transfers");
+            assert!(units as usize >= 2 * acked_count, "round {round}");
+            assert!(
+                verification.ok(),
+                "round {round}: {:?}",
+                verification.problems
+            );
+            store.close().await;
+        });
+    }
+}
