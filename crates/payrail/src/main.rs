@@ -1,1 +1,49 @@
-fn main() {}
+//! The `payrail` command.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "payrail",
+    version,
+    about = "Payment providers' token APIs over one durable double-entry ledger"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(payrail_server::ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    payrail_server::telemetry::init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("payrail: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => payrail_server::serve(args).await.map_err(|e| e.to_string()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("payrail: {message}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,1 +1,42 @@
+//! What every rail shares.
+//!
+//! A rail is one provider's API: wire types, signature scheme, routes and
+//! client side, in its own crate. It plugs into the server through [`Rail`]
+//! and reaches the database only through `payrail-store`.
 
+pub mod admin;
+pub mod ids;
+
+use axum::Router;
+use futures::future::BoxFuture;
+use payrail_store::{MasterKey, Store};
+
+/// What a rail is given when the server builds it.
+#[derive(Clone)]
+pub struct RailContext {
+    pub store: Store,
+    /// Sandbox mode: fixtures are loaded and sandbox-only behaviour is on.
+    pub sandbox: bool,
+    /// For deriving the rail's own keys (e.g. keyed digests of OTPs).
+    pub master_key: MasterKey,
+}
+
+/// One provider's API, as the server composes it.
+pub trait Rail: Send + Sync {
+    /// Short, stable name, used in logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// The provider's wire endpoints, at the provider's own paths.
+    fn routes(&self) -> Router;
+
+    /// Admin endpoints, mounted under `/admin/v1` behind the admin token.
+    fn admin_routes(&self) -> Router;
+
+    /// Prepares what the rail needs before it serves (its system accounts);
+    /// idempotent, run at every start.
+    fn prepare(&self) -> BoxFuture<'_, Result<(), String>>;
+
+    /// Loads the rail's sandbox fixtures. Must be idempotent: a restart never
+    /// duplicates anything.
+    fn load_sandbox_fixtures(&self) -> BoxFuture<'_, Result<(), String>>;
+}

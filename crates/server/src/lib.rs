@@ -1,1 +1,170 @@
+//! payrail's composition root: it reads the configuration, opens the store,
+//! builds the rails and the router, and serves.
 
+pub mod admin;
+pub mod config;
+pub mod http;
+mod keys;
+pub mod telemetry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use payrail_core::SystemClock;
+use payrail_railkit::admin::AdminError;
+use payrail_railkit::{Rail, RailContext};
+use payrail_store::{Options, Store, ledger};
+use tower_http::limit::RequestBodyLimitLayer;
+
+pub use config::{Config, ConfigError, ServeArgs};
+
+/// Why the server could not start (or stopped).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Startup(String),
+}
+
+/// A built application: the router and what must outlive it.
+pub struct App {
+    pub router: Router,
+    pub store: Store,
+}
+
+/// Opens the store, builds every rail, loads sandbox fixtures, and assembles
+/// the router.
+pub async fn build(cfg: &Config) -> Result<App, ServeError> {
+    let Some(admin_token) = &cfg.admin_token else {
+        return Err(ServeError::Startup(
+            "refusing to start: no admin token; set PAYRAIL_ADMIN_TOKEN (or admin_token in the config file), or use --sandbox"
+                .into(),
+        ));
+    };
+    let master_key = keys::resolve(cfg).map_err(ServeError::Startup)?;
+    let mut opts = Options::new(cfg.db.clone(), master_key.clone(), Arc::new(SystemClock));
+    opts.sandbox_clock = cfg.sandbox;
+    opts.max_batch = cfg.store.max_batch;
+    opts.readers = cfg.store.readers;
+    let store = Store::open(opts)
+        .await
+        .map_err(|e| ServeError::Startup(format!("cannot open the database: {e} ({e:?})")))?;
+
+    let ctx = RailContext {
+        store: store.clone(),
+        sandbox: cfg.sandbox,
+        master_key,
+    };
+    let rails: Vec<Arc<dyn Rail>> = vec![Arc::new(payrail_mobikwik::MobikwikRail::new(
+        ctx.clone(),
+        cfg.mobikwik.clone(),
+    ))];
+
+    for rail in &rails {
+        rail.prepare()
+            .await
+            .map_err(|e| ServeError::Startup(format!("preparing the {} rail: {e}", rail.name())))?;
+    }
+    if cfg.sandbox {
+        for rail in &rails {
+            rail.load_sandbox_fixtures().await.map_err(|e| {
+                ServeError::Startup(format!("loading {} sandbox fixtures: {e}", rail.name()))
+            })?;
+        }
+        tracing::info!("sandbox fixtures loaded");
+        if cfg.admin_token_is_sandbox_default {
+            tracing::info!(
+                "sandbox mode: admin token is '{}' (set PAYRAIL_ADMIN_TOKEN to change it)",
+                config::SANDBOX_ADMIN_TOKEN
+            );
+        }
+    }
+
+    let mut admin = admin::routes(store.clone(), cfg.sandbox);
+    for rail in &rails {
+        admin = admin.merge(rail.admin_routes());
+    }
+    let admin = admin
+        .fallback(|| async { AdminError::not_found("no such admin endpoint") })
+        .layer(axum::middleware::from_fn_with_state(
+            admin::AdminAuth::new(admin_token),
+            admin::require_token,
+        ));
+
+    let metrics = telemetry::init_metrics();
+    let mut router = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz).with_state(store.clone()))
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        )
+        .nest("/admin/v1", admin);
+    for rail in &rails {
+        router = router.merge(rail.routes());
+    }
+    let router = router
+        .fallback(|| async { AdminError::not_found("no such endpoint") })
+        .layer(axum::middleware::from_fn(telemetry::observe))
+        .layer(DefaultBodyLimit::max(cfg.limits.max_body_bytes))
+        .layer(RequestBodyLimitLayer::new(cfg.limits.max_body_bytes));
+    Ok(App { router, store })
+}
+
+async fn readyz(State(store): State<Store>) -> impl IntoResponse {
+    match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready"),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: database unreachable",
+        ),
+    }
+}
+
+/// Voids reservations as they expire, once a second.
+fn spawn_expiry_sweeper(store: Store) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = store.write(|tx| ledger::expire_due(tx, 1_000)).await {
+                tracing::warn!(error = ?e, "expiry sweep failed");
+            }
+        }
+    });
+}
+
+/// `payrail serve`: runs until SIGINT/SIGTERM, then drains and flushes.
+pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
+    let cfg = Config::resolve(&args)?;
+    let app = build(&cfg).await?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| ServeError::Startup(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServeError::Startup(e.to_string()))?;
+    telemetry::spawn_metrics_upkeep(telemetry::init_metrics());
+    spawn_expiry_sweeper(app.store.clone());
+    tracing::info!(%addr, sandbox = cfg.sandbox, db = ?cfg.db, "payrail listening");
+    // One machine-readable line on stdout, for scripts and tests that start
+    // the server on port 0.
+    println!("payrail listening on http://{addr}");
+    http::serve(
+        listener,
+        app.router,
+        cfg.limits.max_header_bytes,
+        http::shutdown_signal(),
+    )
+    .await;
+    app.store.close().await;
+    tracing::info!("stopped; all acknowledged work is on disk");
+    Ok(())
+}

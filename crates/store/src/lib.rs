@@ -52,6 +52,8 @@ pub enum StoreError {
     Closed,
     #[error("internal store error")]
     Internal(String),
+    #[error("the master key does not match the one this database was sealed with")]
+    WrongMasterKey,
 }
 
 impl From<DbError> for StoreError {
@@ -194,6 +196,7 @@ impl Store {
                 let path = path.clone();
                 let mut writer_conn = sqlite::SqliteConn::open(&path, sqlite::Role::Writer)?;
                 migrate::run(&mut writer_conn, migrate::SQLITE, opts.clock.now().millis())?;
+                check_master_key(&mut writer_conn, &Sealer::new(&opts.master_key))?;
                 let reader_path = path.clone();
                 let connect_reader: Connect = Arc::new(move || {
                     Ok(Box::new(sqlite::SqliteConn::open(
@@ -358,6 +361,30 @@ impl Store {
             }
         })
         .await;
+    }
+}
+
+/// Refuses to start with a master key other than the one the database's
+/// secrets are sealed with, instead of failing later on every sealed read.
+fn check_master_key(conn: &mut dyn Conn, sealer: &Sealer) -> Result<(), StoreError> {
+    const CONTEXT: &str = "payrail:key-check";
+    const PLAIN: &[u8] = b"payrail";
+    match conn
+        .query("SELECT sealed FROM key_check WHERE id = 1", &[])?
+        .first()
+    {
+        Some(row) => match sealer.open(CONTEXT, &row.blob(0)?) {
+            Ok(p) if p == PLAIN => Ok(()),
+            _ => Err(StoreError::WrongMasterKey),
+        },
+        None => {
+            let sealed = sealer.seal(CONTEXT, PLAIN);
+            conn.execute(
+                "INSERT INTO key_check (id, sealed) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING",
+                &[sealed.as_slice().into()],
+            )?;
+            Ok(())
+        }
     }
 }
 

@@ -1,1 +1,158 @@
+//! The Mobikwik-style wallet rail.
+//!
+//! | Module | What it holds |
+//! |---|---|
+//! | [`checksum`] | the quoted-value HMAC-SHA256 scheme, request and response |
+//! | [`wire`] | parameters in, JSON/XML answers out, status codes, field syntax |
+//! | [`flows`] | what each endpoint does, as units of work on the store |
+//! | `admin` | admin endpoints and the idempotent operations behind them |
+//! | [`fixtures`] | the sandbox's merchant, wallets, token and coupon |
+//! | [`client`] | the client side: signed requests, verified answers |
+//!
+//! Every endpoint answers GET (query string) and POST (form body) alike.
 
+mod admin;
+pub mod checksum;
+pub mod client;
+pub mod fixtures;
+pub mod flows;
+mod merchant;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::get;
+use futures::future::BoxFuture;
+use payrail_railkit::{Rail, RailContext};
+use serde::Deserialize;
+
+pub use flows::Settings;
+use wire::WireRequest;
+
+/// `[mobikwik]` in the config file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MobikwikConfig {
+    /// Days a wallet token lives.
+    pub token_ttl_days: u64,
+    /// Regenerations allowed per token lineage within the window...
+    pub regen_limit: u32,
+    /// ...of this many hours.
+    pub regen_window_hours: u64,
+    /// Minutes an OTP stays valid.
+    pub otp_ttl_minutes: u64,
+    /// Wrong tries after which an OTP stops working.
+    pub otp_max_failures: u32,
+    /// OTPs a cell may be sent per hour.
+    pub otp_per_hour: u32,
+}
+
+impl Default for MobikwikConfig {
+    fn default() -> Self {
+        MobikwikConfig {
+            token_ttl_days: 30,
+            regen_limit: 5,
+            regen_window_hours: 24,
+            otp_ttl_minutes: 10,
+            otp_max_failures: 3,
+            otp_per_hour: 5,
+        }
+    }
+}
+
+impl MobikwikConfig {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            token_ttl: Duration::from_secs(self.token_ttl_days * 86_400),
+            regen_limit: i64::from(self.regen_limit),
+            regen_window: Duration::from_secs(self.regen_window_hours * 3_600),
+            otp_ttl: Duration::from_secs(self.otp_ttl_minutes * 60),
+            otp_max_failures: i64::from(self.otp_max_failures),
+            otp_per_hour: i64::from(self.otp_per_hour),
+        }
+    }
+}
+
+/// The rail, as the server composes it.
+pub struct MobikwikRail {
+    inner: Arc<flows::Rail>,
+}
+
+impl MobikwikRail {
+    pub fn new(ctx: RailContext, cfg: MobikwikConfig) -> MobikwikRail {
+        MobikwikRail {
+            inner: Arc::new(flows::Rail {
+                store: ctx.store,
+                settings: cfg.settings(),
+                merchants: merchant::MerchantCache::default(),
+                otp_key: ctx.master_key.derive("mobikwik-otp"),
+                system: std::sync::OnceLock::new(),
+            }),
+        }
+    }
+}
+
+macro_rules! endpoint {
+    ($name:ident => $flow:ident) => {
+        async fn $name(State(rail): State<Arc<flows::Rail>>, req: WireRequest) -> Response {
+            rail.$flow(&req.params).await.render(req.format)
+        }
+    };
+}
+
+endpoint!(otpgenerate => otp_generate);
+endpoint!(tokengenerate => token_generate);
+endpoint!(tokenregenerate => token_regenerate);
+endpoint!(debitwallet => debit);
+endpoint!(checkstatus => check_status);
+endpoint!(walletrefund => refund);
+endpoint!(userbalance => balance);
+endpoint!(querywallet => query_wallet);
+endpoint!(createwalletuser => create_wallet_user);
+
+impl Rail for MobikwikRail {
+    fn name(&self) -> &'static str {
+        "mobikwik"
+    }
+
+    fn routes(&self) -> Router {
+        Router::new()
+            .route("/otpgenerate", get(otpgenerate).post(otpgenerate))
+            .route("/tokengenerate", get(tokengenerate).post(tokengenerate))
+            .route(
+                "/tokenregenerate",
+                get(tokenregenerate).post(tokenregenerate),
+            )
+            .route("/debitwallet", get(debitwallet).post(debitwallet))
+            .route("/checkstatus", get(checkstatus).post(checkstatus))
+            .route("/walletrefund", get(walletrefund).post(walletrefund))
+            .route("/userbalance", get(userbalance).post(userbalance))
+            .route("/querywallet", get(querywallet).post(querywallet))
+            .route(
+                "/createwalletuser",
+                get(createwalletuser).post(createwalletuser),
+            )
+            .with_state(Arc::clone(&self.inner))
+    }
+
+    fn admin_routes(&self) -> Router {
+        admin::routes(Arc::clone(&self.inner))
+    }
+
+    fn prepare(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            self.inner
+                .prepare()
+                .await
+                .map_err(|e| format!("{e} ({e:?})"))
+        })
+    }
+
+    fn load_sandbox_fixtures(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { fixtures::load(&self.inner).await.map_err(|e| e.message) })
+    }
+}

@@ -1,3 +1,10 @@
+-- A value sealed with the master key at first start: opening it proves that
+-- the configured key is the one this database's secrets are sealed with.
+CREATE TABLE key_check (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    sealed BLOB    NOT NULL
+);
+
 -- State the sandbox keeps, in the database so that every node agrees.
 
 CREATE TABLE sandbox_clock (

@@ -1,0 +1,198 @@
+//! The admin API's conventions, shared by the server and every rail: JSON in,
+//! JSON out, errors as `{"error":{"code":"…","message":"…"}}` with a 4xx that
+//! fits, amounts as decimal strings.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use payrail_core::LedgerError;
+use payrail_core::{Money, Percent};
+use payrail_store::{LedgerOpError, StoreError};
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+/// An admin API error. The message is for the caller: it never carries
+/// internals, which are logged instead.
+#[derive(Debug)]
+pub struct AdminError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl AdminError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> AdminError {
+        AdminError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> AdminError {
+        AdminError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> AdminError {
+        AdminError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> AdminError {
+        AdminError::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    pub fn unauthorized() -> AdminError {
+        AdminError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid 'Authorization: Bearer <admin token>' header is required",
+        )
+    }
+
+    /// Logs `detail` (inside the request's span, which carries its id) and
+    /// answers without it.
+    pub fn internal(detail: impl std::fmt::Debug) -> AdminError {
+        tracing::error!(error = ?detail, "admin request failed");
+        AdminError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log for this request id",
+        )
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> AdminError {
+        match e {
+            StoreError::Unavailable(_) | StoreError::Closed | StoreError::Busy(_) => {
+                tracing::warn!(error = ?e, "store unavailable");
+                AdminError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the database is unavailable; retry",
+                )
+            }
+            other => AdminError::internal(other),
+        }
+    }
+}
+
+impl From<LedgerOpError> for AdminError {
+    fn from(e: LedgerOpError) -> AdminError {
+        match e {
+            LedgerOpError::Store(s) => s.into(),
+            LedgerOpError::Rejected(LedgerError::IdempotencyConflict { field }) => {
+                AdminError::conflict(format!(
+                    "that reference was already used for a different operation (its {field} differs)"
+                ))
+            }
+            LedgerOpError::Rejected(r @ LedgerError::InsufficientFunds(_)) => AdminError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "insufficient_funds",
+                r.to_string(),
+            ),
+            LedgerOpError::Rejected(r) => AdminError::bad_request(r.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// `Json<T>` whose rejections are admin errors: 415 without a JSON content
+/// type, 413 over the size limit, 400 for malformed or invalid bodies.
+pub struct AdminJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for AdminJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = AdminError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(AdminJson(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> AdminError {
+    let status = r.status();
+    match r {
+        JsonRejection::MissingJsonContentType(_) => AdminError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be JSON with 'Content-Type: application/json'",
+        ),
+        JsonRejection::JsonDataError(e) => AdminError::bad_request(e.body_text()),
+        JsonRejection::JsonSyntaxError(e) => AdminError::bad_request(e.body_text()),
+        other if status == StatusCode::PAYLOAD_TOO_LARGE => {
+            AdminError::new(status, "payload_too_large", other.body_text())
+        }
+        other => AdminError::new(status, "invalid_request", other.body_text()),
+    }
+}
+
+/// Reads a JSON string or number token as text, without ever going through a
+/// float.
+fn decimal_text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let raw: Box<RawValue> = Deserialize::deserialize(d)?;
+    let text = raw.get();
+    if text.starts_with('"') {
+        serde_json::from_str::<String>(text).map_err(D::Error::custom)
+    } else if text.starts_with(|c: char| c.is_ascii_digit() || c == '-') {
+        Ok(text.to_string())
+    } else {
+        Err(D::Error::custom(
+            "expected a decimal string such as \"100.00\"",
+        ))
+    }
+}
+
+/// Deserializes an amount: `"150.50"` (preferred) or `150.50`.
+pub fn money<'de, D: Deserializer<'de>>(d: D) -> Result<Money, D::Error> {
+    let text = decimal_text(d)?;
+    Money::parse(&text).map_err(|e| D::Error::custom(format!("invalid amount {text:?}: {e}")))
+}
+
+/// Deserializes a percentage with up to two decimals: `"20"`, `12.5`.
+pub fn percent<'de, D: Deserializer<'de>>(d: D) -> Result<Percent, D::Error> {
+    let text = decimal_text(d)?;
+    Percent::parse(&text).map_err(|e| D::Error::custom(format!("invalid percent {text:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize, Debug)]
+    struct Body {
+        #[serde(deserialize_with = "money")]
+        amount: Money,
+    }
+
+    #[test]
+    fn amounts_as_strings_or_numbers_never_floats() {
+        let b: Body = serde_json::from_str(r#"{"amount":"150.50"}"#).unwrap();
+        assert_eq!(b.amount, Money::from_minor(15050));
+        let b: Body = serde_json::from_str(r#"{"amount":150.5}"#).unwrap();
+        assert_eq!(b.amount, Money::from_minor(15050));
+        for bad in [
+            r#"{"amount":"1.234"}"#,
+            r#"{"amount":-1}"#,
+            r#"{"amount":1e3}"#,
+            r#"{"amount":true}"#,
+            r#"{"amount":null}"#,
+        ] {
+            assert!(serde_json::from_str::<Body>(bad).is_err(), "{bad}");
+        }
+    }
+}

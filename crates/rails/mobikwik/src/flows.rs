@@ -1,0 +1,1175 @@
+//! What each wire endpoint does, in the order of checks the provider uses:
+//! merchant (22), checksum (80), msgcode (150), parameters (151 and the
+//! per-field codes), then the endpoint's own rules inside one unit of work.
+//!
+//! A unit of work that refuses (`Halt::Refuse`) is rolled back whole: a debit
+//! refused for insufficient balance leaves no order behind. A unit that must
+//! keep something while answering FAILURE (a wrong OTP counts as an attempt)
+//! returns the failure as `Ok`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{KeyInit, Mac};
+use payrail_core::{AccountFlags, AccountId, Currency, LedgerError, Money, Percent};
+use payrail_railkit::ids;
+use payrail_store::ledger::{self, LedgerOpError};
+use payrail_store::mobikwik::{self as db, OrderRow, OtpState, RefundRow, TokenRow};
+use payrail_store::{Store, StoreError, Tx, outbox};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::checksum;
+use crate::merchant::{Merchant, MerchantCache};
+use crate::wire::{self, Answer, Code, Format, Params, Signed, signed_fields};
+
+pub(crate) const SCOPE: &str = "mobikwik";
+pub(crate) const CURRENCY: Currency = Currency::INR;
+pub(crate) const ISSUANCE_ACCOUNT: &str = "mobikwik:issuance";
+pub(crate) const PROMOTIONS_ACCOUNT: &str = "mobikwik:promotions";
+
+/// The rules' tunables, from `[mobikwik]` in the config file.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub token_ttl: Duration,
+    pub regen_limit: i64,
+    pub regen_window: Duration,
+    pub otp_ttl: Duration,
+    pub otp_max_failures: i64,
+    pub otp_per_hour: i64,
+}
+
+/// Accounts the rail itself owns.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SystemAccounts {
+    /// Source of money put into wallets (top-ups); runs negative.
+    pub issuance: AccountId,
+    /// Source of cashback; runs negative.
+    pub promotions: AccountId,
+}
+
+/// The rail's state, shared by its handlers.
+pub struct Rail {
+    pub(crate) store: Store,
+    pub(crate) settings: Settings,
+    pub(crate) merchants: MerchantCache,
+    pub(crate) otp_key: [u8; 32],
+    pub(crate) system: std::sync::OnceLock<SystemAccounts>,
+}
+
+/// Builds an endpoint's failure answer for a status code.
+type Head<'a> = &'a (dyn Fn(Code) -> Answer + Sync);
+
+/// An answer with what it is signed with.
+pub struct Reply {
+    pub answer: Answer,
+    merchant: Option<Arc<Merchant>>,
+    regen: bool,
+}
+
+impl Reply {
+    fn unsigned(answer: Answer) -> Reply {
+        Reply {
+            answer,
+            merchant: None,
+            regen: false,
+        }
+    }
+
+    fn signed(answer: Answer, merchant: &Arc<Merchant>, regen: bool) -> Reply {
+        Reply {
+            answer,
+            merchant: Some(Arc::clone(merchant)),
+            regen,
+        }
+    }
+
+    pub fn render(self, format: Format) -> axum::response::Response {
+        let secret = self.merchant.as_ref().map(|m| m.secret_bytes(self.regen));
+        self.answer.render(secret, format)
+    }
+}
+
+/// Why a unit of work stopped.
+pub(crate) enum Halt {
+    /// Roll back and answer this.
+    Refuse(Answer),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Halt {
+    fn from(e: StoreError) -> Halt {
+        Halt::Store(e)
+    }
+}
+
+impl From<LedgerOpError> for Halt {
+    fn from(e: LedgerOpError) -> Halt {
+        match e {
+            LedgerOpError::Store(e) => Halt::Store(e),
+            // Expected refusals are matched where they can happen; any other
+            // one is a bug, reported as an unexpected error.
+            LedgerOpError::Rejected(r) => {
+                Halt::Store(StoreError::Internal(format!("ledger refused: {r}")))
+            }
+        }
+    }
+}
+
+/// An endpoint's checksum fields (in signing order) and accepted msgcodes.
+struct Endpoint {
+    fields: &'static [&'static str],
+    msgcodes: &'static [&'static str],
+    /// Signed with the merchant's token-regeneration secret.
+    regen_secret: bool,
+}
+
+const OTP_GENERATE: Endpoint = Endpoint {
+    fields: signed_fields::OTP_GENERATE,
+    msgcodes: &["504"],
+    regen_secret: false,
+};
+const TOKEN_FROM_OTP: Endpoint = Endpoint {
+    fields: signed_fields::TOKEN_FROM_OTP,
+    msgcodes: &["507", "504"],
+    regen_secret: false,
+};
+const TOKEN_FROM_TOKEN: Endpoint = Endpoint {
+    fields: signed_fields::TOKEN_FROM_TOKEN,
+    msgcodes: &["507", "504"],
+    regen_secret: false,
+};
+const TOKEN_REGENERATE: Endpoint = Endpoint {
+    fields: signed_fields::TOKEN_REGENERATE,
+    msgcodes: &["507", "504"],
+    regen_secret: true,
+};
+const DEBIT_WITH_TOKEN: Endpoint = Endpoint {
+    fields: signed_fields::DEBIT_WITH_TOKEN,
+    msgcodes: &["504", "503"],
+    regen_secret: false,
+};
+const DEBIT_WITH_OTP: Endpoint = Endpoint {
+    fields: signed_fields::DEBIT_WITH_OTP,
+    msgcodes: &["504", "503"],
+    regen_secret: false,
+};
+const USER_BALANCE: Endpoint = Endpoint {
+    fields: signed_fields::USER_BALANCE,
+    msgcodes: &["501"],
+    regen_secret: false,
+};
+const QUERY_WALLET: Endpoint = Endpoint {
+    fields: signed_fields::QUERY_WALLET,
+    msgcodes: &["500"],
+    regen_secret: false,
+};
+const CREATE_WALLET_USER: Endpoint = Endpoint {
+    fields: signed_fields::CREATE_WALLET_USER,
+    msgcodes: &["502"],
+    regen_secret: false,
+};
+const CHECK_STATUS: Endpoint = Endpoint {
+    fields: signed_fields::CHECK_STATUS,
+    msgcodes: &[],
+    regen_secret: false,
+};
+const CHECK_REFUND_STATUS: Endpoint = Endpoint {
+    fields: signed_fields::CHECK_REFUND_STATUS,
+    msgcodes: &[],
+    regen_secret: false,
+};
+const WALLET_REFUND: Endpoint = Endpoint {
+    fields: signed_fields::WALLET_REFUND,
+    msgcodes: &[],
+    regen_secret: false,
+};
+
+const STATUS_SIGNED: &[&str] = signed_fields::STATUS_ANSWER;
+const REFUND_STATUS_SIGNED: &[&str] = signed_fields::REFUND_STATUS_ANSWER;
+
+pub(crate) fn token_digest(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+fn new_token() -> String {
+    ids::random_hex(16)
+}
+
+impl Rail {
+    pub(crate) fn system(&self) -> Result<SystemAccounts, StoreError> {
+        self.system
+            .get()
+            .copied()
+            .ok_or_else(|| StoreError::Internal("mobikwik rail used before it was prepared".into()))
+    }
+
+    /// Opens the rail's own accounts; idempotent.
+    pub(crate) async fn prepare(&self) -> Result<(), StoreError> {
+        let accounts = self
+            .store
+            .write(|tx| {
+                Ok::<_, LedgerOpError>(SystemAccounts {
+                    issuance: ledger::open_account(
+                        tx,
+                        ISSUANCE_ACCOUNT,
+                        CURRENCY,
+                        AccountFlags::NONE,
+                    )?,
+                    promotions: ledger::open_account(
+                        tx,
+                        PROMOTIONS_ACCOUNT,
+                        CURRENCY,
+                        AccountFlags::NONE,
+                    )?,
+                })
+            })
+            .await
+            .map_err(|e| match e {
+                LedgerOpError::Store(s) => s,
+                LedgerOpError::Rejected(r) => StoreError::Internal(r.to_string()),
+            })?;
+        let _ = self.system.set(accounts);
+        Ok(())
+    }
+
+    /// A keyed digest of an OTP, bound to the merchant and cell it was sent
+    /// for. Six digits are few, so a plain hash would be reversible; the key
+    /// (derived from the master key) is not in the database.
+    fn otp_digest(&self, mid: &str, cell: &str, otp: &str) -> Vec<u8> {
+        let mut m = hmac::Hmac::<Sha256>::new_from_slice(&self.otp_key).expect("any key length");
+        for part in [mid, cell, otp] {
+            m.update(part.as_bytes());
+            m.update(&[0]);
+        }
+        m.finalize().into_bytes().to_vec()
+    }
+
+    /// Logs an internal error (the request's span carries its id) and answers 99.
+    fn unexpected(e: &StoreError, head: Head<'_>) -> Answer {
+        match e {
+            StoreError::Unavailable(_) | StoreError::Closed | StoreError::Busy(_) => {
+                tracing::warn!(error = ?e, "store unavailable")
+            }
+            _ => tracing::error!(error = ?e, "request failed"),
+        }
+        head(Code::Unexpected)
+    }
+
+    async fn write<F>(&self, head: Head<'_>, unit: F) -> Answer
+    where
+        F: FnMut(&mut Tx<'_>) -> Result<Answer, Halt> + Send + 'static,
+    {
+        match self.store.write(unit).await {
+            Ok(a) | Err(Halt::Refuse(a)) => a,
+            Err(Halt::Store(e)) => Rail::unexpected(&e, head),
+        }
+    }
+
+    async fn read<F>(&self, head: Head<'_>, unit: F) -> Answer
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<Answer, Halt> + Send + 'static,
+    {
+        match self.store.read(unit).await {
+            Ok(a) | Err(Halt::Refuse(a)) => a,
+            Err(Halt::Store(e)) => Rail::unexpected(&e, head),
+        }
+    }
+
+    /// The merchant named by `mid` (22 if unknown).
+    async fn merchant(&self, p: &Params, head: Head<'_>) -> Result<Arc<Merchant>, Reply> {
+        let mid = p.get("mid");
+        if !wire::valid_ident(mid, 64) {
+            return Err(Reply::unsigned(head(Code::MerchantNotFound)));
+        }
+        match self.merchants.get(&self.store, mid).await {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err(Reply::unsigned(head(Code::MerchantNotFound))),
+            Err(e) => Err(Reply::unsigned(Rail::unexpected(&e, head))),
+        }
+    }
+
+    /// Checksum (80), msgcode (150) and the shape of the input (151).
+    fn verify(
+        &self,
+        p: &Params,
+        m: &Arc<Merchant>,
+        ep: &Endpoint,
+        head: Head<'_>,
+    ) -> Result<(), Reply> {
+        let mut values: Vec<&str> = ep.fields.iter().map(|f| p.get(f)).collect();
+        let aggregated = p.opt("aggregatedMerchantId");
+        if let Some(a) = aggregated {
+            values.push(a);
+        }
+        let fail = |code| Err(Reply::signed(head(code), m, ep.regen_secret));
+        if !checksum::verify_request(m.secret_bytes(ep.regen_secret), &values, p.get("checksum")) {
+            return fail(Code::ChecksumMismatch);
+        }
+        if !ep.msgcodes.is_empty() && !ep.msgcodes.contains(&p.get("msgcode")) {
+            return fail(Code::MsgcodeInvalid);
+        }
+        if p.malformed.is_some() {
+            return fail(Code::ParamsInvalid);
+        }
+        if aggregated.is_some_and(|a| !m.aggregated_ids.iter().any(|known| known == a)) {
+            return fail(Code::ParamsInvalid);
+        }
+        Ok(())
+    }
+
+    async fn authenticate(
+        &self,
+        p: &Params,
+        ep: &Endpoint,
+        head: Head<'_>,
+    ) -> Result<Arc<Merchant>, Reply> {
+        let m = self.merchant(p, head).await?;
+        self.verify(p, &m, ep, head)?;
+        Ok(m)
+    }
+
+    /// Common parameter checks of the msgcode APIs; the first failing code.
+    fn check_common(p: &Params, required: &[&str]) -> Result<(), Code> {
+        if required.iter().any(|f| p.opt(f).is_none()) {
+            return Err(Code::ParamsInvalid);
+        }
+        if p.opt("cell").is_some_and(|c| !wire::valid_cell(c)) {
+            return Err(Code::CellInvalid);
+        }
+        if p.opt("merchantname")
+            .is_some_and(|n| !wire::valid_merchantname(n))
+        {
+            return Err(Code::MerchantNameInvalid);
+        }
+        if p.opt("tokentype").is_some_and(|t| t != "0" && t != "1") {
+            return Err(Code::ParamsInvalid);
+        }
+        if p.opt("token").is_some_and(|t| t.len() > 128)
+            || p.opt("otp").is_some_and(|o| o.len() > 16)
+        {
+            return Err(Code::ParamsInvalid);
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ /otpgenerate
+
+    pub async fn otp_generate(&self, p: &Params) -> Reply {
+        let msgcode = p.get("msgcode").to_string();
+        let head = |c| Answer::status(&msgcode, c);
+        let m = match self.authenticate(p, &OTP_GENERATE, &head).await {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        let reply = |a| Reply::signed(a, &m, false);
+        if let Err(c) = Rail::check_common(p, &["amount", "cell", "merchantname", "tokentype"])
+            .and_then(|()| wire::parse_amount(p.get("amount"), false).map(drop))
+        {
+            return reply(head(c));
+        }
+        let (mid, cell) = (m.mid.clone(), p.get("cell").to_string());
+        let otp = ids::random_digits(6);
+        let digest = self.otp_digest(&mid, &cell, &otp);
+        let s = self.settings.clone();
+        let sent = Answer::status_with(
+            &msgcode,
+            Code::Ok,
+            format!("Message Sent to xxxxxx{}", &cell[6..]),
+        );
+        let too_many = head(Code::TooManyOtps);
+        let answer = self
+            .write(&head, move |tx| {
+                let now = tx.now();
+                if db::otps_issued_since(tx, &cell, now.minus(Duration::from_secs(3600)))? >= s.otp_per_hour {
+                    return Ok(too_many.clone());
+                }
+                db::issue_otp(tx, &mid, &cell, &digest, now.plus(s.otp_ttl))?;
+                let minutes = s.otp_ttl.as_secs() / 60;
+                let text = format!("{otp} is your Mobikwik OTP. It is valid for {minutes} minutes. Do not share it with anyone.");
+                outbox::send(tx, &cell, &text, Some(&otp))?;
+                Ok(sent.clone())
+            })
+            .await;
+        reply(answer)
+    }
+
+    /// Checks a presented OTP against the open one for (mid, cell) and uses
+    /// it up if it matches. A mismatch counts; enough of them lock it.
+    fn check_otp(
+        tx: &mut Tx<'_>,
+        mid: &str,
+        cell: &str,
+        presented: &[u8],
+        max_failures: i64,
+    ) -> Result<bool, StoreError> {
+        let Some(otp) = db::open_otp(tx, mid, cell)? else {
+            return Ok(false);
+        };
+        if otp.expires_at <= tx.now() {
+            db::set_otp_state(tx, otp.id, OtpState::Superseded)?;
+            return Ok(false);
+        }
+        if bool::from(otp.digest.ct_eq(presented)) {
+            db::set_otp_state(tx, otp.id, OtpState::Used)?;
+            return Ok(true);
+        }
+        if db::fail_otp(tx, otp.id)? >= max_failures {
+            db::set_otp_state(tx, otp.id, OtpState::Locked)?;
+        }
+        Ok(false)
+    }
+
+    // ------------------------------------------------------------ /tokengenerate
+
+    /// `/tokengenerate`: with `otp`, issues a token; with `token`, regenerates
+    /// it (the seed's variant).
+    pub async fn token_generate(&self, p: &Params) -> Reply {
+        let msgcode = p.get("msgcode").to_string();
+        let head = |c| Answer::status(&msgcode, c);
+        let m = match self.merchant(p, &head).await {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        let reply = |a| Reply::signed(a, &m, false);
+        let endpoint = match (p.opt("otp").is_some(), p.opt("token").is_some()) {
+            (true, true) => return reply(head(Code::OtpAndToken)),
+            (false, false) => return reply(head(Code::TokenOrOtpMissing)),
+            (true, false) => &TOKEN_FROM_OTP,
+            (false, true) => &TOKEN_FROM_TOKEN,
+        };
+        if let Err(r) = self.verify(p, &m, endpoint, &head) {
+            return r;
+        }
+        let checked = Rail::check_common(p, &["amount", "cell", "merchantname", "tokentype"])
+            .and_then(|()| wire::parse_amount(p.get("amount"), true));
+        let cap = match checked {
+            Ok(cap) => cap,
+            Err(c) => return reply(head(c)),
+        };
+        if let Some(old) = p.opt("token") {
+            return reply(self.regenerate(&m, p, old, Some(cap), &head).await);
+        }
+        let (mid, cell) = (m.mid.clone(), p.get("cell").to_string());
+        let presented = self.otp_digest(&mid, &cell, p.get("otp"));
+        let token = new_token();
+        let s = self.settings.clone();
+        let issued = Answer::status_with(&msgcode, Code::Ok, "Token generated successfully")
+            .with("token", token.clone());
+        let (no_user, bad_otp) = (head(Code::UserNotFound), head(Code::OtpInvalid));
+        let answer = self
+            .write(&head, move |tx| {
+                if db::wallet(tx, &cell)?.is_none() {
+                    return Err(Halt::Refuse(no_user.clone()));
+                }
+                if !Rail::check_otp(tx, &mid, &cell, &presented, s.otp_max_failures)? {
+                    return Ok(bad_otp.clone()); // keep the failed attempt
+                }
+                let digest = token_digest(&token);
+                let now = tx.now();
+                db::insert_token(
+                    tx,
+                    &TokenRow {
+                        lineage: digest.clone(),
+                        digest,
+                        mid: mid.clone(),
+                        cell: cell.clone(),
+                        cap,
+                        replaced: false,
+                        created_at: now,
+                        expires_at: now.plus(s.token_ttl),
+                    },
+                    false,
+                )?;
+                Ok(issued.clone())
+            })
+            .await;
+        reply(answer)
+    }
+
+    /// Replaces `old` with a new token (cap `cap`, or the old one's).
+    async fn regenerate(
+        &self,
+        m: &Arc<Merchant>,
+        p: &Params,
+        old: &str,
+        cap: Option<Money>,
+        head: Head<'_>,
+    ) -> Answer {
+        let (mid, cell) = (m.mid.clone(), p.get("cell").to_string());
+        let old_digest = token_digest(old);
+        let token = new_token();
+        let s = self.settings.clone();
+        let done =
+            Answer::status_with(p.get("msgcode"), Code::Ok, "Token regenerated successfully")
+                .with("token", token.clone());
+        let (invalid, limit) = (head(Code::RegenTokenInvalid), head(Code::RegenLimit));
+        self.write(head, move |tx| {
+            let now = tx.now();
+            let old = match db::token(tx, &old_digest)? {
+                Some(t) if t.mid == mid && t.cell == cell && !t.replaced && t.expires_at > now => t,
+                _ => return Err(Halt::Refuse(invalid.clone())),
+            };
+            if db::regenerations_since(tx, &old.lineage, now.minus(s.regen_window))?
+                >= s.regen_limit
+            {
+                return Err(Halt::Refuse(limit.clone()));
+            }
+            // Conditional: of two racing regenerations only one replaces it.
+            if !db::replace_token(tx, &old.digest)? {
+                return Err(Halt::Refuse(invalid.clone()));
+            }
+            db::insert_token(
+                tx,
+                &TokenRow {
+                    digest: token_digest(&token),
+                    mid: mid.clone(),
+                    cell: cell.clone(),
+                    cap: cap.unwrap_or(old.cap),
+                    lineage: old.lineage,
+                    replaced: false,
+                    created_at: now,
+                    expires_at: now.plus(s.token_ttl),
+                },
+                true,
+            )?;
+            Ok(done.clone())
+        })
+        .await
+    }
+
+    // ------------------------------------------------------------ /tokenregenerate
+
+    /// The real clients' regeneration: no amount, the cap is kept.
+    pub async fn token_regenerate(&self, p: &Params) -> Reply {
+        let msgcode = p.get("msgcode").to_string();
+        let head = |c| Answer::status(&msgcode, c);
+        let m = match self.authenticate(p, &TOKEN_REGENERATE, &head).await {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        let reply = |a| Reply::signed(a, &m, true);
+        if let Err(c) = Rail::check_common(p, &["cell", "merchantname", "token", "tokentype"]) {
+            return reply(head(c));
+        }
+        reply(self.regenerate(&m, p, p.get("token"), None, &head).await)
+    }
+
+    // ------------------------------------------------------------ /debitwallet
+
+    pub async fn debit(&self, p: &Params) -> Reply {
+        let msgcode = p.get("msgcode").to_string();
+        let orderid = p.get("orderid").to_string();
+        let head = |c| {
+            let a = Answer::status(&msgcode, c);
+            if orderid.is_empty() {
+                a
+            } else {
+                a.with("orderid", orderid.clone())
+            }
+        };
+        // The token flow is the seed's; real clients may debit with an OTP.
+        let with_otp = p.opt("token").is_none() && p.opt("otp").is_some();
+        let endpoint = if with_otp {
+            &DEBIT_WITH_OTP
+        } else {
+            &DEBIT_WITH_TOKEN
+        };
+        let m = match self.authenticate(p, endpoint, &head).await {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        let reply = |a| Reply::signed(a, &m, false);
+        let credential = if with_otp { "otp" } else { "token" };
+        let checked = Rail::check_common(
+            p,
+            &[
+                "amount",
+                "cell",
+                "merchantname",
+                "orderid",
+                credential,
+                "txntype",
+            ],
+        )
+        .and_then(|()| {
+            if !p.get("txntype").eq_ignore_ascii_case("debit")
+                || !wire::valid_text(p.get("comment"), 255)
+            {
+                return Err(Code::ParamsInvalid);
+            }
+            let amount = wire::parse_amount(p.get("amount"), true)?;
+            wire::check_orderid(&orderid)?;
+            Ok(amount)
+        });
+        let amount = match checked {
+            Ok(a) => a,
+            Err(c) => return reply(head(c)),
+        };
+        let system = match self.system() {
+            Ok(s) => s,
+            Err(e) => return reply(Rail::unexpected(&e, &head)),
+        };
+        let d = Debit {
+            mid: m.mid.clone(),
+            merchant_account: m.account,
+            cell: p.get("cell").to_string(),
+            orderid: orderid.clone(),
+            amount,
+            credential: if with_otp {
+                Credential::Otp(self.otp_digest(&m.mid, p.get("cell"), p.get("otp")))
+            } else {
+                Credential::Token(token_digest(p.get("token")))
+            },
+            coupon: p
+                .opt("couponcode")
+                .filter(|c| wire::valid_ident(c, 32))
+                .map(str::to_string),
+            aggregated_id: p.opt("aggregatedMerchantId").map(str::to_string),
+            txnid: format!("MBK_TXN_{}", ids::random_hex(16)),
+            promotions: system.promotions,
+            otp_max_failures: self.settings.otp_max_failures,
+            msgcode: msgcode.clone(),
+        };
+        let answer = self.write(&head, move |tx| d.run(tx)).await;
+        reply(answer)
+    }
+
+    // ------------------------------------------------------------ /userbalance
+
+    pub async fn balance(&self, p: &Params) -> Reply {
+        let msgcode = p.get("msgcode").to_string();
+        let head = |c| Answer::status(&msgcode, c);
+        let m = match self.authenticate(p, &USER_BALANCE, &head).await {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        let reply = |a| Reply::signed(a, &m, false);
+        if let Err(c) = Rail::check_common(p, &["cell", "merchantname", "token"]) {
+            return reply(head(c));
+        }
+        let (mid, cell, digest) = (
+            m.mid.clone(),
+            p.get("cell").to_string(),
+            token_digest(p.get("token")),
+        );
+        let (ok, bad) = (
+            Answer::status_with(&msgcode, Code::Ok, "Balance retrieved successfully"),
+            head(Code::BadToken),
+        );
+        let answer = self
+            .read(&head, move |tx| {
+                let now = tx.now();
+                match db::token(tx, &digest)? {
+                    Some(t)
+                        if t.mid == mid && t.cell == cell && !t.replaced && t.expires_at > now => {}
+                    _ => return Ok(bad),
+                }
+                let Some(w) = db::wallet(tx, &cell)? else {
+                    return Ok(bad);
+                };
+                let account = ledger::account(tx, w.account)?
+                    .ok_or_else(|| StoreError::Internal("wallet account missing".into()))?;
+                Ok(ok.with("balanceamount", account.balances.available().to_string()))
+            })
+            .await;
+        reply(answer)
+    }
+
+    // ------------------------------------------------------------ /querywallet
+
+    pub async fn query_wallet(&self, p: &Params) -> Reply {
+        let msgcode = p.get("msgcode").to_string();
+        let head = |c| Answer::status(&msgcode, c);
+        let m = match self.authenticate(p, &QUERY_WALLET, &head).await {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        let reply = |a| Reply::signed(a, &m, false);
+        if let Err(c) = Rail::check_common(p, &["action", "cell", "merchantname"]) {
+            return reply(head(c));
+        }
+        if p.get("action") != "existingusercheck" {
+            return reply(head(Code::InvalidAction));
+        }
+        let cell = p.get("cell").to_string();
+        let (exists, missing) = (
+            Answer::status_with(&msgcode, Code::Ok, "User Exists"),
+            head(Code::UserNotFound),
+        );
+        let answer = self
+            .read(&head, move |tx| {
+                let Some(w) = db::wallet(tx, &cell)? else {
+                    return Ok(missing);
+                };
+                let account = ledger::account(tx, w.account)?
+                    .ok_or_else(|| StoreError::Internal("wallet account missing".into()))?;
+                let nonzero = if account.balances.balance().is_positive() {
+                    "y"
+                } else {
+                    "n"
+                };
+                Ok(exists
+                    .with("emailaddress", w.email.unwrap_or_default())
+                    .with("nonzeroflag", nonzero))
+            })
+            .await;
+        reply(answer)
+    }
+
+    // ------------------------------------------------------------ /createwalletuser
+
+    pub async fn create_wallet_user(&self, p: &Params) -> Reply {
+        let msgcode = p.get("msgcode").to_string();
+        let head = |c| Answer::status(&msgcode, c);
+        let m = match self.authenticate(p, &CREATE_WALLET_USER, &head).await {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        let reply = |a| Reply::signed(a, &m, false);
+        if let Err(c) = Rail::check_common(p, &["cell", "email", "merchantname", "otp"]) {
+            return reply(head(c));
+        }
+        if !wire::valid_email(p.get("email")) {
+            return reply(head(Code::EmailInvalid));
+        }
+        let (mid, cell, email) = (
+            m.mid.clone(),
+            p.get("cell").to_string(),
+            p.get("email").to_string(),
+        );
+        let presented = self.otp_digest(&mid, &cell, p.get("otp"));
+        let max_failures = self.settings.otp_max_failures;
+        let (created, registered, bad_otp) = (
+            Answer::status_with(&msgcode, Code::Ok, "User Created"),
+            head(Code::CellRegistered),
+            head(Code::OtpInvalid),
+        );
+        let answer = self
+            .write(&head, move |tx| {
+                if db::wallet(tx, &cell)?.is_some() {
+                    return Err(Halt::Refuse(registered.clone()));
+                }
+                if !Rail::check_otp(tx, &mid, &cell, &presented, max_failures)? {
+                    return Ok(bad_otp.clone());
+                }
+                open_wallet(tx, &cell, Some(&email))?;
+                Ok(created.clone())
+            })
+            .await;
+        reply(answer)
+    }
+
+    // ------------------------------------------------------------ /checkstatus
+
+    pub async fn check_status(&self, p: &Params) -> Reply {
+        let orderid = p.get("orderid").to_string();
+        let refundid = p.opt("refundid").map(str::to_string);
+        let head = |c: Code| status_answer(c, &orderid, refundid.as_deref());
+        let endpoint = if refundid.is_some() {
+            &CHECK_REFUND_STATUS
+        } else {
+            &CHECK_STATUS
+        };
+        let m = match self.authenticate(p, endpoint, &head).await {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        let reply = |a| Reply::signed(a, &m, false);
+        if p.opt("orderid").is_none()
+            || !wire::valid_ident(&orderid, 64)
+            || refundid.as_ref().is_some_and(|r| !wire::valid_ident(r, 64))
+        {
+            return reply(head(Code::ParamsInvalid));
+        }
+        let mid = m.mid.clone();
+        let not_found = head(Code::NoOrder);
+        let (oid, rid) = (orderid.clone(), refundid.clone());
+        let answer = self
+            .read(&head, move |tx| {
+                let Some(order) = db::order(tx, &mid, &oid)? else {
+                    return Ok(not_found);
+                };
+                let Some(rid) = rid else {
+                    return Ok(Answer {
+                        fields: vec![
+                            ("statuscode", "0".into()),
+                            ("orderid", order.orderid),
+                            ("refid", order.txnid),
+                            ("amount", order.amount.to_string()),
+                            ("statusmessage", "success".into()),
+                            ("ordertype", "payment".into()),
+                            ("status", "SUCCESS".into()),
+                        ],
+                        signed: Signed::Fixed(STATUS_SIGNED),
+                    });
+                };
+                match db::refund(tx, &mid, &rid)? {
+                    Some(r) if r.orderid == order.orderid => Ok(Answer {
+                        fields: vec![
+                            ("statuscode", "0".into()),
+                            ("orderid", order.orderid),
+                            ("refundid", r.refundid),
+                            ("txnamount", order.amount.to_string()),
+                            ("refundamount", r.amount.to_string()),
+                            ("refid", r.refid),
+                            ("statusmessage", "Refund".into()),
+                            ("status", "SUCCESS".into()),
+                        ],
+                        signed: Signed::Fixed(REFUND_STATUS_SIGNED),
+                    }),
+                    _ => Ok(not_found),
+                }
+            })
+            .await;
+        reply(answer)
+    }
+
+    // ------------------------------------------------------------ /walletrefund
+
+    pub async fn refund(&self, p: &Params) -> Reply {
+        let txid = p.get("txid").to_string();
+        let refundid = p.get("refundid").to_string();
+        let head = |c: Code| refund_answer(c, c.description(), &txid, &refundid, "", "");
+        let m = match self.authenticate(p, &WALLET_REFUND, &head).await {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        let reply = |a| Reply::signed(a, &m, false);
+        if !wire::valid_ident(&txid, 64) || !wire::valid_ident(&refundid, 64) {
+            return reply(head(Code::ParamsInvalid));
+        }
+        if p.opt("ispartial")
+            .is_some_and(|v| !v.eq_ignore_ascii_case("yes") && !v.eq_ignore_ascii_case("no"))
+        {
+            return reply(head(Code::ParamsInvalid));
+        }
+        let amount = match wire::parse_amount(p.get("amount"), true) {
+            Ok(a) => a,
+            Err(c) => return reply(head(c)),
+        };
+        let system = match self.system() {
+            Ok(s) => s,
+            Err(e) => return reply(Rail::unexpected(&e, &head)),
+        };
+        let r = Refund {
+            mid: m.mid.clone(),
+            merchant_account: m.account,
+            txid: txid.clone(),
+            refundid: refundid.clone(),
+            amount,
+            refid: format!("MBK_RFD_{}", ids::random_hex(16)),
+            promotions: system.promotions,
+        };
+        let answer = self.write(&head, move |tx| r.run(tx)).await;
+        reply(answer)
+    }
+}
+
+/// Opens a wallet: its never-negative ledger account and its row.
+/// Returns `false` if the cell already has one.
+pub(crate) fn open_wallet(tx: &mut Tx<'_>, cell: &str, email: Option<&str>) -> Result<bool, Halt> {
+    let account = ledger::open_account(
+        tx,
+        &format!("wallet:{cell}"),
+        CURRENCY,
+        AccountFlags::NEVER_NEGATIVE,
+    )?;
+    Ok(db::insert_wallet(tx, cell, account, email)?)
+}
+
+enum Credential {
+    Token(Vec<u8>),
+    Otp(Vec<u8>),
+}
+
+/// One debit, as a unit of work.
+struct Debit {
+    mid: String,
+    merchant_account: AccountId,
+    cell: String,
+    orderid: String,
+    amount: Money,
+    credential: Credential,
+    coupon: Option<String>,
+    aggregated_id: Option<String>,
+    /// Drawn before the unit runs so that a retried unit keeps it.
+    txnid: String,
+    promotions: AccountId,
+    otp_max_failures: i64,
+    msgcode: String,
+}
+
+impl Debit {
+    fn fail(&self, code: Code) -> Answer {
+        Answer::status(&self.msgcode, code).with("orderid", self.orderid.clone())
+    }
+
+    /// token (302), cap (303), wallet blocked (305), orderid used (304),
+    /// balance (301); then the money moves.
+    fn run(&self, tx: &mut Tx<'_>) -> Result<Answer, Halt> {
+        let refuse = |code| Err(Halt::Refuse(self.fail(code)));
+        let now = tx.now();
+        match &self.credential {
+            Credential::Token(digest) => {
+                let token = match db::token(tx, digest)? {
+                    Some(t)
+                        if t.mid == self.mid
+                            && t.cell == self.cell
+                            && !t.replaced
+                            && t.expires_at > now =>
+                    {
+                        t
+                    }
+                    _ => return refuse(Code::TokenInvalid),
+                };
+                if self.amount > token.cap {
+                    return refuse(Code::LimitExceeded);
+                }
+            }
+            Credential::Otp(digest) => {
+                if !Rail::check_otp(tx, &self.mid, &self.cell, digest, self.otp_max_failures)? {
+                    return Ok(self.fail(Code::OtpInvalid)); // keep the failed attempt
+                }
+            }
+        }
+        let Some(wallet) = db::wallet(tx, &self.cell)? else {
+            return refuse(Code::TokenInvalid);
+        };
+        if wallet.blocked {
+            return refuse(Code::WalletBlocked);
+        }
+        let cashback = match &self.coupon {
+            Some(code) => db::coupon(tx, code)?
+                .and_then(Percent::from_basis_points)
+                .map_or(Money::ZERO, |p| self.amount.percent_floor(p)),
+            None => Money::ZERO,
+        };
+        let inserted = db::insert_order(
+            tx,
+            &OrderRow {
+                mid: self.mid.clone(),
+                orderid: self.orderid.clone(),
+                txnid: self.txnid.clone(),
+                cell: self.cell.clone(),
+                amount: self.amount,
+                cashback,
+                coupon: self.coupon.clone().filter(|_| cashback.is_positive()),
+                aggregated_id: self.aggregated_id.clone(),
+                refunded: Money::ZERO,
+                refunded_cashback: Money::ZERO,
+                created_at: now,
+            },
+        )?;
+        if !inserted {
+            return refuse(Code::DuplicateOrder);
+        }
+        let net = self.amount.checked_sub(cashback).unwrap_or(Money::ZERO);
+        // The wallet pays the amount less cashback, promotions pay the
+        // cashback, the merchant receives the full amount.
+        let legs = [
+            ("debit", wallet.account, net),
+            ("cashback", self.promotions, cashback),
+        ];
+        for (leg, from, amount) in legs {
+            if !amount.is_positive() {
+                continue;
+            }
+            let req = ledger::single(
+                SCOPE,
+                format!("{leg}:{}:{}", self.mid, self.orderid),
+                from,
+                self.merchant_account,
+                CURRENCY,
+                amount,
+            );
+            match ledger::transfer(tx, &req) {
+                Ok(_) => {}
+                Err(LedgerOpError::Rejected(LedgerError::InsufficientFunds(_))) => {
+                    return refuse(Code::InsufficientBalance);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Answer::status(&self.msgcode, Code::Ok)
+            .with("orderid", self.orderid.clone())
+            .with("txnid", self.txnid.clone())
+            .with("amount", self.amount.to_string())
+            .with("cashback", cashback.to_string())
+            .with("net_debit", net.to_string()))
+    }
+}
+
+/// A `/checkstatus` failure, with the signed fields present (empty) so that
+/// the answer has one shape whatever the outcome.
+fn status_answer(code: Code, orderid: &str, refundid: Option<&str>) -> Answer {
+    let message = code.description().to_string();
+    match refundid {
+        None => Answer {
+            fields: vec![
+                ("statuscode", code.number().to_string()),
+                ("orderid", orderid.to_string()),
+                ("refid", String::new()),
+                ("amount", String::new()),
+                ("statusmessage", message),
+                ("ordertype", String::new()),
+                ("status", "FAILURE".into()),
+            ],
+            signed: Signed::Fixed(STATUS_SIGNED),
+        },
+        Some(refundid) => Answer {
+            fields: vec![
+                ("statuscode", code.number().to_string()),
+                ("orderid", orderid.to_string()),
+                ("refundid", refundid.to_string()),
+                ("txnamount", String::new()),
+                ("refundamount", String::new()),
+                ("refid", String::new()),
+                ("statusmessage", message),
+                ("status", "FAILURE".into()),
+            ],
+            signed: Signed::Fixed(REFUND_STATUS_SIGNED),
+        },
+    }
+}
+
+fn refund_answer(
+    code: Code,
+    message: &str,
+    txid: &str,
+    refundid: &str,
+    amount: &str,
+    refid: &str,
+) -> Answer {
+    Answer {
+        fields: vec![
+            ("txid", txid.to_string()),
+            ("refundid", refundid.to_string()),
+            ("amount", amount.to_string()),
+            ("refid", refid.to_string()),
+            (
+                "status",
+                if code == Code::Ok {
+                    "SUCCESS"
+                } else {
+                    "FAILURE"
+                }
+                .into(),
+            ),
+            ("statuscode", code.number().to_string()),
+            ("statusmessage", message.to_string()),
+        ],
+        signed: Signed::Sorted,
+    }
+}
+
+/// One refund, as a unit of work.
+struct Refund {
+    mid: String,
+    merchant_account: AccountId,
+    /// The debit's orderid (as Razorpay sends it) or its txnid.
+    txid: String,
+    refundid: String,
+    amount: Money,
+    refid: String,
+    promotions: AccountId,
+}
+
+impl Refund {
+    fn answer(&self, code: Code, message: &str, refid: &str) -> Answer {
+        let amount = if code == Code::Ok {
+            self.amount.to_string()
+        } else {
+            String::new()
+        };
+        refund_answer(code, message, &self.txid, &self.refundid, &amount, refid)
+    }
+
+    fn run(&self, tx: &mut Tx<'_>) -> Result<Answer, Halt> {
+        let refuse = |code: Code, message: &str| Err(Halt::Refuse(self.answer(code, message, "")));
+        let order = match db::order(tx, &self.mid, &self.txid)? {
+            Some(o) => o,
+            None => match db::order_by_txnid(tx, &self.mid, &self.txid)? {
+                Some(o) => o,
+                None => return refuse(Code::NoOrder, Code::NoOrder.description()),
+            },
+        };
+        // Claim the refundid first: a concurrent request with the same one
+        // (on any node) waits here for this unit and then sees its row.
+        let claimed = db::insert_refund(
+            tx,
+            &RefundRow {
+                mid: self.mid.clone(),
+                refundid: self.refundid.clone(),
+                orderid: order.orderid.clone(),
+                amount: self.amount,
+                refid: self.refid.clone(),
+                created_at: tx.now(),
+            },
+        )?;
+        if !claimed {
+            let done = db::refund(tx, &self.mid, &self.refundid)?
+                .ok_or_else(|| StoreError::Internal("claimed refundid vanished".into()))?;
+            if done.orderid == order.orderid && done.amount == self.amount {
+                return Ok(self.answer(Code::Ok, "Refund completed successfully", &done.refid));
+            }
+            return refuse(
+                Code::RefundRefused,
+                "General error: refundid already used for a different refund",
+            );
+        }
+        // Cashback is returned in proportion: after this refund, promotions
+        // have had back floor(refunded × cashback / amount) in total.
+        let refunded = order
+            .refunded
+            .checked_add(self.amount)
+            .unwrap_or(Money::MAX);
+        if refunded > order.amount {
+            return refuse(
+                Code::RefundRefused,
+                "General error: refunds would exceed the transaction amount",
+            );
+        }
+        let promo_part = refunded
+            .mul_div_floor(order.cashback, order.amount)
+            .checked_sub(order.refunded_cashback)
+            .unwrap_or(Money::ZERO);
+        let wallet_part = self.amount.checked_sub(promo_part).unwrap_or(Money::ZERO);
+        // Conditional on the totals so far: two racing refunds cannot both fit.
+        if !db::add_refund_to_order(tx, &self.mid, &order.orderid, self.amount, promo_part)? {
+            return refuse(
+                Code::RefundRefused,
+                "General error: refunds would exceed the transaction amount",
+            );
+        }
+        let wallet = db::wallet(tx, &order.cell)?
+            .ok_or_else(|| StoreError::Internal("refunded order's wallet missing".into()))?;
+        for (leg, to, amount) in [
+            ("wallet", wallet.account, wallet_part),
+            ("promotions", self.promotions, promo_part),
+        ] {
+            if !amount.is_positive() {
+                continue;
+            }
+            let req = ledger::single(
+                SCOPE,
+                format!("refund:{}:{}:{leg}", self.mid, self.refundid),
+                self.merchant_account,
+                to,
+                CURRENCY,
+                amount,
+            );
+            match ledger::transfer(tx, &req) {
+                Ok(_) => {}
+                Err(LedgerOpError::Rejected(LedgerError::InsufficientFunds(_))) => {
+                    return refuse(
+                        Code::RefundMerchantFunds,
+                        Code::RefundMerchantFunds.description(),
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(self.answer(Code::Ok, "Refund completed successfully", &self.refid))
+    }
+}

@@ -1,0 +1,639 @@
+//! The wire format: parameters in (query string or form body), answers out
+//! (JSON, or XML on request), status codes, and the syntax of each field.
+
+use axum::extract::{FromRequest, Request};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use payrail_core::Money;
+
+use crate::checksum;
+
+/// Each endpoint's checksum fields, in signing order. The server verifies and
+/// the client signs with these same lists. `aggregatedMerchantId`, when sent,
+/// is appended after them.
+pub mod signed_fields {
+    pub const OTP_GENERATE: &[&str] = &[
+        "amount",
+        "cell",
+        "merchantname",
+        "mid",
+        "msgcode",
+        "tokentype",
+    ];
+    pub const TOKEN_FROM_OTP: &[&str] = &[
+        "amount",
+        "cell",
+        "merchantname",
+        "mid",
+        "msgcode",
+        "otp",
+        "tokentype",
+    ];
+    pub const TOKEN_FROM_TOKEN: &[&str] = &[
+        "amount",
+        "cell",
+        "merchantname",
+        "mid",
+        "msgcode",
+        "token",
+        "tokentype",
+    ];
+    pub const TOKEN_REGENERATE: &[&str] = &[
+        "cell",
+        "merchantname",
+        "mid",
+        "msgcode",
+        "token",
+        "tokentype",
+    ];
+    pub const DEBIT_WITH_TOKEN: &[&str] = &[
+        "amount",
+        "cell",
+        "comment",
+        "merchantname",
+        "mid",
+        "msgcode",
+        "orderid",
+        "token",
+        "txntype",
+    ];
+    pub const DEBIT_WITH_OTP: &[&str] = &[
+        "amount",
+        "cell",
+        "comment",
+        "merchantname",
+        "mid",
+        "msgcode",
+        "orderid",
+        "otp",
+        "txntype",
+    ];
+    pub const USER_BALANCE: &[&str] = &["cell", "merchantname", "mid", "msgcode", "token"];
+    pub const QUERY_WALLET: &[&str] = &["action", "cell", "merchantname", "mid", "msgcode"];
+    pub const CREATE_WALLET_USER: &[&str] =
+        &["cell", "email", "merchantname", "mid", "msgcode", "otp"];
+    pub const CHECK_STATUS: &[&str] = &["mid", "orderid"];
+    pub const CHECK_REFUND_STATUS: &[&str] = &["mid", "orderid", "refundid"];
+    pub const WALLET_REFUND: &[&str] = &["mid", "txid", "refundid", "amount"];
+
+    /// `/checkstatus` answers are signed over these fields, in this order.
+    pub const STATUS_ANSWER: &[&str] = &[
+        "statuscode",
+        "orderid",
+        "refid",
+        "amount",
+        "statusmessage",
+        "ordertype",
+    ];
+    pub const REFUND_STATUS_ANSWER: &[&str] = &[
+        "statuscode",
+        "orderid",
+        "refundid",
+        "txnamount",
+        "refundamount",
+        "refid",
+    ];
+}
+
+/// More parameters than any endpoint takes, with room for extras clients add.
+const MAX_PARAMS: usize = 40;
+/// Longer than any legitimate value (the longest are tokens and comments).
+const MAX_VALUE_LEN: usize = 512;
+
+/// A request's parameters: the query string and, for POST, the form body,
+/// decoded once. Values are kept exactly as received, since they are signed.
+#[derive(Clone, Debug, Default)]
+pub struct Params {
+    pairs: Vec<(String, String)>,
+    /// Set when the input could not be read unambiguously; the endpoint then
+    /// answers 151 after the merchant and checksum checks.
+    pub malformed: Option<&'static str>,
+}
+
+impl Params {
+    pub fn from_parts(query: Option<&str>, body: &[u8]) -> Params {
+        let mut p = Params::default();
+        let sources = query.map(str::as_bytes).into_iter().chain(Some(body));
+        for (k, v) in sources.flat_map(form_urlencoded::parse) {
+            if p.pairs.len() == MAX_PARAMS {
+                p.malformed = Some("too many parameters");
+                break;
+            }
+            if v.len() > MAX_VALUE_LEN || k.len() > 64 {
+                p.malformed = Some("parameter too long");
+                continue;
+            }
+            match p.pairs.iter().find(|(name, _)| *name == k) {
+                // The same name twice with two values: which one was signed?
+                Some((_, existing)) if *existing != v => {
+                    p.malformed = Some("parameter given twice")
+                }
+                Some(_) => {}
+                None => p.pairs.push((k.into_owned(), v.into_owned())),
+            }
+        }
+        p
+    }
+
+    /// The value, or `""` if absent (as the checksum treats it).
+    pub fn get(&self, name: &str) -> &str {
+        self.opt(name).unwrap_or("")
+    }
+
+    /// The value if present and not empty.
+    pub fn opt(&self, name: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// How the answer is encoded: JSON by default; XML (as the provider's
+/// original clients expect) with the request header `payloadtype: xml`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Xml,
+}
+
+/// A parsed wire request.
+pub struct WireRequest {
+    pub params: Params,
+    pub format: Format,
+}
+
+impl<S: Send + Sync> FromRequest<S> for WireRequest {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let format = match req
+            .headers()
+            .get("payloadtype")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(v) if v.trim().eq_ignore_ascii_case("xml") => Format::Xml,
+            _ => Format::Json,
+        };
+        let query = req.uri().query().map(str::to_owned);
+        let body = bytes::Bytes::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(WireRequest {
+            params: Params::from_parts(query.as_deref(), &body),
+            format,
+        })
+    }
+}
+
+/// The status codes this rail answers with. Descriptions follow the seed
+/// documents where they give one, the provider's published table elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    Ok,
+    RefundMerchantFunds,
+    MerchantNotFound,
+    RefundRefused,
+    OrderIdLength,
+    OrderIdChars,
+    EmailInvalid,
+    AmountInvalid,
+    CellInvalid,
+    MerchantNameInvalid,
+    ChecksumMismatch,
+    Unexpected,
+    NoOrder,
+    InvalidAction,
+    UserNotFound,
+    TooManyOtps,
+    MsgcodeInvalid,
+    ParamsInvalid,
+    CellRegistered,
+    OtpInvalid,
+    TokenOrOtpMissing,
+    BadToken,
+    OtpAndToken,
+    RegenTokenInvalid,
+    RegenLimit,
+    InsufficientBalance,
+    TokenInvalid,
+    LimitExceeded,
+    DuplicateOrder,
+    WalletBlocked,
+}
+
+impl Code {
+    pub fn number(self) -> u16 {
+        use Code::*;
+        match self {
+            Ok => 0,
+            RefundMerchantFunds => 7,
+            MerchantNotFound => 22,
+            RefundRefused => 45,
+            OrderIdLength => 51,
+            OrderIdChars => 52,
+            EmailInvalid => 53,
+            AmountInvalid => 54,
+            CellInvalid => 55,
+            MerchantNameInvalid => 56,
+            ChecksumMismatch => 80,
+            Unexpected => 99,
+            NoOrder => 101,
+            InvalidAction => 110,
+            UserNotFound => 120,
+            TooManyOtps => 148,
+            MsgcodeInvalid => 150,
+            ParamsInvalid => 151,
+            CellRegistered => 153,
+            OtpInvalid => 164,
+            TokenOrOtpMissing => 190,
+            BadToken => 198,
+            OtpAndToken => 200,
+            RegenTokenInvalid => 201,
+            RegenLimit => 202,
+            InsufficientBalance => 301,
+            TokenInvalid => 302,
+            LimitExceeded => 303,
+            DuplicateOrder => 304,
+            WalletBlocked => 305,
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        use Code::*;
+        match self {
+            Ok => "Transaction completed successfully",
+            RefundMerchantFunds => "Failed to debit from merchant",
+            MerchantNotFound => "Merchant does not Exist",
+            RefundRefused => "General error",
+            OrderIdLength => "Length of parameter orderid must be between 8 to 30 characters",
+            OrderIdChars => "Parameter orderid must be alphanumeric only",
+            EmailInvalid => "Parameter email is invalid",
+            AmountInvalid => "Parameter amount must be numeric with max 2 decimal places only",
+            CellInvalid => {
+                "Parameter cell is invalid. It must be numeric, have 10 digits and start with 7,8 or 9"
+            }
+            MerchantNameInvalid => {
+                "Parameter merchantname is invalid. It must be alphanumeric and its length must be between 1 to 30 characters"
+            }
+            ChecksumMismatch => "Checksum Mismatch",
+            Unexpected => "Unexpected Error",
+            NoOrder => "No orderid found",
+            InvalidAction => "Invalid action parameter",
+            UserNotFound => "User does not exist",
+            TooManyOtps => "Exceeded maximum number of OTP request attempts",
+            MsgcodeInvalid => "Invalid Message code specified in Input",
+            ParamsInvalid => "Invalid Request Parameters",
+            CellRegistered => "User with the input cell is already registered",
+            OtpInvalid => {
+                "Either Invalid OTP (Expiry or OTP mismatch) or OTP mismatched due to mismatch in order id or transaction amount"
+            }
+            TokenOrOtpMissing => "Token Or OTP missing",
+            BadToken => "Either Token missing or Invalid Token or Token Expired",
+            OtpAndToken => "Provide Either OTP or Token",
+            RegenTokenInvalid => "Invalid or expired token provided",
+            RegenLimit => "Token regeneration limit exceeded",
+            InsufficientBalance => "Insufficient wallet balance",
+            TokenInvalid => "Invalid or expired token",
+            LimitExceeded => "Transaction limit exceeded",
+            DuplicateOrder => "Duplicate order ID",
+            WalletBlocked => "Wallet temporarily blocked",
+        }
+    }
+
+    /// Every code, for the README's table and the tests.
+    pub const ALL: [Code; 30] = {
+        use Code::*;
+        [
+            Ok,
+            RefundMerchantFunds,
+            MerchantNotFound,
+            RefundRefused,
+            OrderIdLength,
+            OrderIdChars,
+            EmailInvalid,
+            AmountInvalid,
+            CellInvalid,
+            MerchantNameInvalid,
+            ChecksumMismatch,
+            Unexpected,
+            NoOrder,
+            InvalidAction,
+            UserNotFound,
+            TooManyOtps,
+            MsgcodeInvalid,
+            ParamsInvalid,
+            CellRegistered,
+            OtpInvalid,
+            TokenOrOtpMissing,
+            BadToken,
+            OtpAndToken,
+            RegenTokenInvalid,
+            RegenLimit,
+            InsufficientBalance,
+            TokenInvalid,
+            LimitExceeded,
+            DuplicateOrder,
+            WalletBlocked,
+        ]
+    };
+}
+
+/// Which fields a response checksum covers.
+#[derive(Clone, Copy, Debug)]
+pub enum Signed {
+    /// Every field, sorted by name, empty values skipped (msgcode APIs).
+    Sorted,
+    /// These fields in this order (`/checkstatus`, as real clients verify it).
+    Fixed(&'static [&'static str]),
+}
+
+/// An answer, before it is signed and encoded.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub fields: Vec<(&'static str, String)>,
+    pub signed: Signed,
+}
+
+impl Answer {
+    /// The standard head of a msgcode API answer.
+    pub fn status(msgcode: &str, code: Code) -> Answer {
+        Answer::status_with(msgcode, code, code.description())
+    }
+
+    pub fn status_with(msgcode: &str, code: Code, description: impl Into<String>) -> Answer {
+        let status = if code == Code::Ok {
+            "SUCCESS"
+        } else {
+            "FAILURE"
+        };
+        Answer {
+            fields: vec![
+                ("messagecode", msgcode.to_string()),
+                ("status", status.to_string()),
+                ("statuscode", code.number().to_string()),
+                ("statusdescription", description.into()),
+            ],
+            signed: Signed::Sorted,
+        }
+    }
+
+    pub fn with(mut self, name: &'static str, value: impl Into<String>) -> Answer {
+        self.fields.push((name, value.into()));
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        self.get("statuscode")
+    }
+
+    /// Signs (with the merchant's secret; an empty checksum when the merchant
+    /// is unknown) and encodes.
+    pub fn render(self, secret: Option<&[u8]>, format: Format) -> Response {
+        let checksum = match secret {
+            None => String::new(),
+            Some(secret) => {
+                let pairs: Vec<(&str, &str)> =
+                    self.fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                match self.signed {
+                    Signed::Sorted => checksum::sign_sorted(secret, &pairs),
+                    Signed::Fixed(order) => checksum::sign(
+                        secret,
+                        order.iter().map(|name| {
+                            pairs
+                                .iter()
+                                .find(|(k, _)| k == name)
+                                .map_or("", |(_, v)| *v)
+                        }),
+                    ),
+                }
+            }
+        };
+        let (body, content_type) = match format {
+            Format::Json => (encode_json(&self.fields, &checksum), "application/json"),
+            Format::Xml => (
+                encode_xml(&self.fields, &checksum),
+                "text/xml; charset=UTF-8",
+            ),
+        };
+        let mut resp = (StatusCode::OK, body).into_response();
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        resp
+    }
+}
+
+fn encode_json(fields: &[(&'static str, String)], checksum: &str) -> String {
+    let mut out = String::with_capacity(64 + fields.len() * 32);
+    out.push('{');
+    for (k, v) in fields
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .chain([("checksum", checksum)])
+    {
+        if out.len() > 1 {
+            out.push(',');
+        }
+        out.push('"');
+        out.push_str(k);
+        out.push_str("\":");
+        // Field names are ours; values are escaped by serde_json.
+        out.push_str(&serde_json::to_string(v).unwrap_or_else(|_| "\"\"".into()));
+    }
+    out.push('}');
+    out
+}
+
+fn encode_xml(fields: &[(&'static str, String)], checksum: &str) -> String {
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<wallet>");
+    for (k, v) in fields
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .chain([("checksum", checksum)])
+    {
+        out.push('<');
+        out.push_str(k);
+        out.push('>');
+        for c in v.chars() {
+            match c {
+                '&' => out.push_str("&amp;"),
+                '<' => out.push_str("&lt;"),
+                '>' => out.push_str("&gt;"),
+                '"' => out.push_str("&quot;"),
+                '\'' => out.push_str("&apos;"),
+                c => out.push(c),
+            }
+        }
+        out.push_str("</");
+        out.push_str(k);
+        out.push('>');
+    }
+    out.push_str("</wallet>\n");
+    out
+}
+
+// ------------------------------------------------------------- field syntax
+
+/// A mobile number: 10 digits starting with 7, 8 or 9.
+pub fn valid_cell(cell: &str) -> bool {
+    cell.len() == 10
+        && cell.bytes().all(|b| b.is_ascii_digit())
+        && matches!(cell.as_bytes()[0], b'7'..=b'9')
+}
+
+/// An orderid: 8 to 30 characters (51) of letters, digits, `_` and `-` (52).
+pub fn check_orderid(orderid: &str) -> Result<(), Code> {
+    if !(8..=30).contains(&orderid.len()) {
+        return Err(Code::OrderIdLength);
+    }
+    if !orderid
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(Code::OrderIdChars);
+    }
+    Ok(())
+}
+
+/// A merchant alias: 1 to 30 letters, digits and spaces (real clients send
+/// `Test Merchant`), plus `.`, `_`, `-` and `&`.
+pub fn valid_merchantname(name: &str) -> bool {
+    (1..=30).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b' ' | b'.' | b'_' | b'-' | b'&'))
+}
+
+/// An identifier chosen by a client (refund ids, coupon codes, mids):
+/// 1 to `max` letters, digits, `_` and `-`.
+pub fn valid_ident(s: &str, max: usize) -> bool {
+    (1..=max).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A plausible email address (the provider's rule is not published).
+pub fn valid_email(email: &str) -> bool {
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    email.len() <= 254
+        && !local.is_empty()
+        && local.len() <= 64
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && email.bytes().all(|b| b.is_ascii_graphic())
+        && !domain.contains('@')
+}
+
+/// A wire amount; `positive` for amounts that move money or cap it.
+pub fn parse_amount(text: &str, positive: bool) -> Result<Money, Code> {
+    match Money::parse(text) {
+        Ok(m) if positive && !m.is_positive() => Err(Code::AmountInvalid),
+        Ok(m) => Ok(m),
+        Err(_) => Err(Code::AmountInvalid),
+    }
+}
+
+/// Text without control characters, at most `max` bytes.
+pub fn valid_text(s: &str, max: usize) -> bool {
+    s.len() <= max && !s.chars().any(char::is_control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn fields() {
+        assert!(valid_cell("9311032820"));
+        for bad in [
+            "6311032820",
+            "931103282",
+            "93110328200",
+            "931103282a",
+            "+919311032",
+        ] {
+            assert!(!valid_cell(bad), "{bad}");
+        }
+        assert_eq!(check_orderid("ORDER_123456"), Ok(()));
+        assert_eq!(check_orderid("SHORT"), Err(Code::OrderIdLength));
+        assert_eq!(check_orderid(&"A".repeat(31)), Err(Code::OrderIdLength));
+        assert_eq!(check_orderid("ORDER 123456"), Err(Code::OrderIdChars));
+        assert!(valid_merchantname("Test Merchant"));
+        assert!(!valid_merchantname(""));
+        assert!(!valid_merchantname("It's"));
+        assert!(valid_email("a.b@example.com"));
+        for bad in ["a@b", "@b.com", "a@@b.com", "a b@c.com", "a@.com"] {
+            assert!(!valid_email(bad), "{bad}");
+        }
+        assert_eq!(parse_amount("0", true), Err(Code::AmountInvalid));
+        assert_eq!(parse_amount("0", false), Ok(Money::ZERO));
+    }
+
+    #[test]
+    fn params_from_query_and_body() {
+        let p = Params::from_parts(
+            Some("mid=MBK9006&merchantname=Test%20Merchant"),
+            b"amount=1&merchantname=Test+Merchant",
+        );
+        assert_eq!(p.get("mid"), "MBK9006");
+        assert_eq!(p.get("merchantname"), "Test Merchant");
+        assert_eq!(p.get("amount"), "1");
+        assert_eq!(p.get("absent"), "");
+        assert!(p.malformed.is_none());
+        let twice = Params::from_parts(Some("amount=1&amount=2"), b"");
+        assert_eq!(twice.malformed, Some("parameter given twice"));
+        let long = Params::from_parts(Some(&format!("comment={}", "x".repeat(600))), b"");
+        assert_eq!(long.malformed, Some("parameter too long"));
+    }
+
+    #[test]
+    fn encodings_escape_values() {
+        let a = Answer::status("504", Code::Ok).with("comment", "<a & \"b\">");
+        let fields = a.fields.clone();
+        let json = encode_json(&fields, "abc");
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed["comment"], "<a & \"b\">");
+        assert_eq!(parsed["checksum"], "abc");
+        let xml = encode_xml(&fields, "abc");
+        assert!(xml.contains("<comment>&lt;a &amp; &quot;b&quot;&gt;</comment>"));
+        assert!(xml.starts_with("<?xml") && xml.contains("<wallet><messagecode>504</messagecode>"));
+    }
+
+    #[test]
+    fn codes_are_distinct() {
+        let mut numbers: Vec<u16> = Code::ALL.iter().map(|c| c.number()).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        assert_eq!(numbers.len(), Code::ALL.len());
+    }
+
+    proptest! {
+        #[test]
+        fn params_never_panic(query in "\\PC{0,200}", body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let p = Params::from_parts(Some(&query), &body);
+            prop_assert!(p.pairs.len() <= MAX_PARAMS);
+        }
+
+        #[test]
+        fn params_round_trip(pairs in proptest::collection::btree_map("[a-z]{1,8}", "\\PC{0,20}", 0..10)) {
+            let encoded: String = form_urlencoded::Serializer::new(String::new()).extend_pairs(&pairs).finish();
+            let p = Params::from_parts(Some(&encoded), b"");
+            for (k, v) in &pairs {
+                prop_assert_eq!(p.get(k), v.as_str());
+            }
+        }
+    }
+}

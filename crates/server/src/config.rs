@@ -1,0 +1,203 @@
+//! Configuration: command-line flags, then `PAYRAIL_*` environment variables,
+//! then the config file, then defaults.
+//!
+//! Secrets (the admin token, the master key) are read from the environment or
+//! the file only, never from flags, which other users can see in `ps`.
+
+use std::path::{Path, PathBuf};
+
+use payrail_mobikwik::MobikwikConfig;
+use payrail_store::{Location, MasterKey};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DB: &str = "sqlite://payrail.db";
+/// The admin token in sandbox mode when none is configured. Public by design.
+pub const SANDBOX_ADMIN_TOKEN: &str = "sandbox-admin-token";
+
+/// `payrail serve` flags. Each falls back to its environment variable.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:8080]
+    #[arg(long, env = "PAYRAIL_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Database URL: sqlite://PATH or postgres://… [default: sqlite://payrail.db]
+    #[arg(long, env = "PAYRAIL_DB", value_name = "URL")]
+    pub db: Option<String>,
+    /// Sandbox mode: load fixtures, enable the sandbox admin endpoints.
+    #[arg(long, env = "PAYRAIL_SANDBOX")]
+    pub sandbox: bool,
+    /// TOML config file (see README for the keys).
+    #[arg(long, env = "PAYRAIL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The config file. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub db: Option<String>,
+    pub sandbox: Option<bool>,
+    pub admin_token: Option<String>,
+    pub master_key: Option<String>,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub postgres: PostgresConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub mobikwik: MobikwikConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Most units of work one commit may carry.
+    pub max_batch: usize,
+    /// Reader connections.
+    pub readers: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_batch: 1024,
+            readers: 8,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Writer connections (each runs its own group commits).
+    pub writers: usize,
+    /// Statement timeout, milliseconds.
+    pub statement_timeout_ms: u64,
+    /// Connect timeout, milliseconds.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            writers: 4,
+            statement_timeout_ms: 5_000,
+            connect_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// Bounds on what a client may send.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body, bytes; larger is 413.
+    pub max_body_bytes: usize,
+    /// Largest request head (request line and headers), bytes; larger is 431.
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 64 * 1024,
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// The resolved configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub listen: String,
+    pub db: Location,
+    pub sandbox: bool,
+    /// `None` only outside sandbox mode, where the server then refuses to start.
+    pub admin_token: Option<SecretString>,
+    /// The admin token is the public sandbox default.
+    pub admin_token_is_sandbox_default: bool,
+    pub master_key: Option<MasterKey>,
+    pub store: StoreConfig,
+    pub postgres: PostgresConfig,
+    pub limits: Limits,
+    pub mobikwik: MobikwikConfig,
+}
+
+/// Something wrong with the configuration; the server does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+impl Config {
+    /// Resolves flags, environment, file and defaults.
+    pub fn resolve(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let sandbox = args.sandbox || file.sandbox.unwrap_or(false);
+        let db_url = args
+            .db
+            .clone()
+            .or(file.db)
+            .unwrap_or_else(|| DEFAULT_DB.to_string());
+        let db = Location::parse(&db_url).map_err(ConfigError::Invalid)?;
+        let configured_token = env("PAYRAIL_ADMIN_TOKEN").or(file.admin_token);
+        let admin_token_is_sandbox_default = sandbox && configured_token.is_none();
+        let admin_token = configured_token
+            .or_else(|| sandbox.then(|| SANDBOX_ADMIN_TOKEN.to_string()))
+            .map(SecretString::from);
+        let master_key = match env("PAYRAIL_MASTER_KEY").or(file.master_key) {
+            Some(hex) => Some(MasterKey::from_hex(&hex).ok_or_else(|| {
+                ConfigError::Invalid(
+                    "the master key must be 64 hexadecimal characters (32 bytes)".into(),
+                )
+            })?),
+            None => None,
+        };
+        Ok(Config {
+            listen: args
+                .listen
+                .clone()
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.to_string()),
+            db,
+            sandbox,
+            admin_token,
+            admin_token_is_sandbox_default,
+            master_key,
+            store: file.store,
+            postgres: file.postgres,
+            limits: file.limits,
+            mobikwik: file.mobikwik,
+        })
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.message().to_string(),
+    })
+}
