@@ -1,5 +1,7 @@
 //! The `payrail` command.
 
+mod mobikwik_cli;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +21,8 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(payrail_server::ServeArgs),
+    /// The Mobikwik-style wallet API: sign parameters, or call a server as a merchant.
+    Mobikwik(Box<mobikwik_cli::MobikwikArgs>),
 }
 
 fn main() -> ExitCode {
@@ -36,11 +40,16 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => payrail_server::serve(args).await.map_err(|e| e.to_string()),
+            Command::Serve(args) => payrail_server::serve(args)
+                .await
+                .map(|()| true)
+                .map_err(|e| e.to_string()),
+            Command::Mobikwik(args) => mobikwik_cli::run(*args).await,
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(message) => {
             eprintln!("payrail: {message}");
             ExitCode::from(2)

@@ -1,0 +1,367 @@
+//! The platform, from outside: health, admin authentication, ledger
+//! verification, the sandbox clock and outbox, limits, start-up refusals,
+//! graceful shutdown and idempotent fixtures.
+
+mod support;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use support::{Db, Server, Start};
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let s = Server::start().await;
+    let r = s.http.get(s.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().contains_key("x-request-id"));
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let r = s.http.get(s.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // A caller's request id is carried through; a fresh one is made otherwise.
+    let r = s
+        .http
+        .get(s.url("/healthz"))
+        .header("x-request-id", "trace-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "trace-42");
+    // A wallet debit, so the ledger metrics have something to show.
+    let resp = s
+        .client()
+        .debit(&payrail_mobikwik::client::Debit::new(
+            "9311032820",
+            "1.00",
+            "METRICS_0001",
+            "MBK_TOKEN_123456789",
+        ))
+        .await
+        .unwrap();
+    assert!(resp.is_success(), "{resp:?}");
+    let text = s
+        .http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "payrail_http_requests_total{route=\"/debitwallet\",status=\"200\"}",
+        "payrail_http_request_duration_seconds_bucket",
+        "payrail_ledger_commits_total",
+        "payrail_group_commit_batch_size_bucket",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn admin_requires_the_token() {
+    let s = Server::start().await;
+    let url = s.url("/admin/v1/ledger/verify");
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Basic c2FuZGJveA=="),
+        Some("Bearer "),
+    ] {
+        let mut req = s.http.get(&url);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{auth:?}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    // Also for paths that do not exist: nothing is revealed without a token.
+    let r = s.http.get(s.url("/admin/v1/nope")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let (status, body) = s.admin_get("/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "not_found");
+}
+
+#[tokio::test]
+async fn verify_counts_accounts_and_transfers() {
+    let s = Server::start().await;
+    let v = s.verify_ok().await;
+    // Fixtures: issuance, promotions, the merchant and two funded wallets.
+    assert_eq!(v, json!({ "ok": true, "accounts": 5, "transfers": 2 }));
+    let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["ok", "accounts", "transfers"]);
+}
+
+#[tokio::test]
+async fn sandbox_clock_moves_forward_only() {
+    let s = Server::start().await;
+    let (status, before) = s.admin_get("/sandbox/clock").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, after) = s
+        .admin_post("/sandbox/clock", json!({ "advance_seconds": 86_400 }))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let parse = |v: &Value| {
+        let t = v["now"].as_str().expect("now");
+        assert!(t.ends_with('Z') && t.contains('T'), "not RFC 3339: {t}");
+        t.to_string()
+    };
+    let (b, a) = (parse(&before), parse(&after));
+    // One day later, give or take the milliseconds the request took.
+    assert!(a[..10] > b[..10], "{b} -> {a}");
+    for bad in [
+        json!({ "advance_seconds": -1 }),
+        json!({ "advance_seconds": "10" }),
+        json!({}),
+        json!({ "advance_seconds": 1e20 }),
+    ] {
+        let (status, body) = s.admin_post("/sandbox/clock", bad.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad} -> {body}");
+        assert_eq!(body["error"]["code"], "invalid_request");
+    }
+}
+
+#[tokio::test]
+async fn sandbox_messages_list_otps_newest_first() {
+    let s = Server::start().await;
+    let c = s.client();
+    for _ in 0..2 {
+        assert!(
+            c.otp_generate("9910057241", "1")
+                .await
+                .unwrap()
+                .is_success()
+        );
+    }
+    let (status, v) = s.admin_get("/sandbox/messages?to=9910057241").await;
+    assert_eq!(status, StatusCode::OK);
+    let list = v.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    for m in list {
+        assert_eq!(m["to"], "9910057241");
+        let otp = m["otp"].as_str().unwrap();
+        assert_eq!(otp.len(), 6);
+        assert!(m["text"].as_str().unwrap().contains(otp));
+        assert!(m["sent_at"].as_str().unwrap().ends_with('Z'));
+    }
+    assert!(list[0]["sent_at"].as_str() >= list[1]["sent_at"].as_str());
+    let (_, none) = s.admin_get("/sandbox/messages?to=9311032820").await;
+    assert_eq!(none, json!([]));
+}
+
+#[tokio::test]
+async fn sandbox_endpoints_are_404_outside_sandbox() {
+    let start = Start {
+        sandbox: false,
+        admin_token: Some("t0p-secret-admin".into()),
+        ..Start::default()
+    };
+    let s = Server::start_with(Db::fresh(), start).await;
+    let (status, body) = s
+        .admin_post("/sandbox/clock", json!({ "advance_seconds": 1 }))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, _) = s.admin_get("/sandbox/messages?to=9311032820").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The platform itself works, without fixtures.
+    let v = s.verify_ok().await;
+    assert_eq!(v["transfers"], 0);
+    let (status, _) = s.admin_get("/mobikwik/merchants/MBK9006").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The sandbox token means nothing here.
+    let r = s
+        .http
+        .get(s.url("/admin/v1/ledger/verify"))
+        .bearer_auth(support::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn refuses_to_start_without_an_admin_token() {
+    let db = Db::fresh();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_payrail"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--db", &db.url])
+        .env_remove("PAYRAIL_ADMIN_TOKEN")
+        .env_remove("PAYRAIL_SANDBOX")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "it must not have started listening");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let reason: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("payrail:"))
+        .collect();
+    assert_eq!(reason.len(), 1, "{stderr}");
+    assert!(
+        reason[0].contains("admin token") && reason[0].contains("PAYRAIL_ADMIN_TOKEN"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_bodies_and_headers_are_refused_unread() {
+    let s = Server::start().await;
+    let big = "x".repeat(200 * 1024);
+    let r = s
+        .http
+        .post(s.url("/admin/v1/wallets"))
+        .bearer_auth(support::ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let r = s
+        .http
+        .post(s.url("/debitwallet"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let r = s
+        .http
+        .get(s.url("/healthz"))
+        .header("x-filler", "y".repeat(40 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    // Still serving.
+    let r = s.http.get(s.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn malformed_admin_input_gets_a_typed_4xx() {
+    let s = Server::start().await;
+    let url = s.url("/admin/v1/wallets");
+    let send = |body: &'static str, ct: &'static str| {
+        s.http
+            .post(&url)
+            .bearer_auth(support::ADMIN_TOKEN)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    let cases = [
+        ("{", "application/json", StatusCode::BAD_REQUEST),
+        (
+            "{\"cell\":\"9800000001\",\"balance\":\"1.001\"}",
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "{\"cell\":\"9800000001\",\"balance\":\"-5\"}",
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "{\"cell\":\"12345\",\"balance\":\"5\"}",
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "{\"cell\":\"9800000001\",\"balance\":\"5\",\"extra\":1}",
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "cell=9800000001",
+            "application/x-www-form-urlencoded",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+    ];
+    for (body, ct, expected) in cases {
+        let r = send(body, ct).await.unwrap();
+        assert_eq!(r.status(), expected, "{body}");
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["error"]["code"].is_string() && v["error"]["message"].is_string(),
+            "{v}"
+        );
+    }
+    let r = s.http.get(s.url("/no/such/path")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_keeps_every_answered_write_and_restart_duplicates_nothing() {
+    let s = Server::start().await;
+    let before = s.verify_ok().await;
+    let (status, _) = s
+        .admin_post(
+            "/wallets/9910057241/credit",
+            json!({ "amount": "5.00", "reference": "topup-1" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (exit, db) = s.terminate().await;
+    assert!(exit.success(), "{exit:?}");
+
+    let s = Server::start_on(db).await;
+    assert_eq!(s.wallet_balance("9910057241").await, "1005.00");
+    assert_eq!(s.wallet_balance("9311032820").await, "10000.00");
+    let after = s.verify_ok().await;
+    assert_eq!(after["accounts"], before["accounts"]);
+    assert_eq!(
+        after["transfers"].as_i64().unwrap(),
+        before["transfers"].as_i64().unwrap() + 1
+    );
+}
+
+#[tokio::test]
+async fn no_secret_reaches_the_log_or_the_database() {
+    let s = Server::start().await;
+    let c = s.client();
+    assert!(
+        c.otp_generate("9910057241", "1")
+            .await
+            .unwrap()
+            .is_success()
+    );
+    let otp = s.last_otp("9910057241").await;
+    let token = c.token_from_otp("9910057241", "100", &otp).await.unwrap();
+    assert!(token.is_success(), "{token:?}");
+    let token = token.get("token").to_string();
+    let log = s.log_text();
+    for secret in [
+        otp.as_str(),
+        token.as_str(),
+        payrail_mobikwik::fixtures::SECRET,
+        "MBK_TOKEN_123456789",
+    ] {
+        assert!(
+            !log.contains(secret),
+            "log contains a secret: {secret}\n{log}"
+        );
+    }
+    // And at rest: the database holds neither the secret nor tokens nor OTPs.
+    let (_, db) = s.terminate().await;
+    let path = db.dir.path().join("payrail.db");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend(std::fs::read(path.with_extension("db-wal")).unwrap_or_default());
+    for secret in [
+        otp.as_str(),
+        token.as_str(),
+        payrail_mobikwik::fixtures::SECRET,
+        "MBK_TOKEN_123456789",
+    ] {
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the database holds {secret} in plain text"
+        );
+    }
+}
