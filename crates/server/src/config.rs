@@ -70,23 +70,45 @@ impl Default for StoreConfig {
     }
 }
 
+/// `[postgres]`: only used with a `postgres://` database. Each node holds
+/// `writers + store.readers` connections.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
     /// Writer connections (each runs its own group commits).
     pub writers: usize,
+    /// Most units of work in one PostgreSQL commit.
+    pub max_batch: usize,
     /// Statement timeout, milliseconds.
     pub statement_timeout_ms: u64,
     /// Connect timeout, milliseconds.
     pub connect_timeout_ms: u64,
+    /// Longest wait for a row lock before a unit is retried, milliseconds.
+    pub lock_timeout_ms: u64,
 }
 
 impl Default for PostgresConfig {
     fn default() -> Self {
+        let d = payrail_store::PgTuning::default();
         PostgresConfig {
-            writers: 4,
-            statement_timeout_ms: 5_000,
-            connect_timeout_ms: 2_000,
+            writers: d.writers,
+            max_batch: d.max_batch,
+            statement_timeout_ms: d.statement_timeout.as_millis() as u64,
+            connect_timeout_ms: d.connect_timeout.as_millis() as u64,
+            lock_timeout_ms: d.lock_timeout.as_millis() as u64,
+        }
+    }
+}
+
+impl PostgresConfig {
+    pub fn tuning(&self) -> payrail_store::PgTuning {
+        use std::time::Duration;
+        payrail_store::PgTuning {
+            writers: self.writers.max(1),
+            max_batch: self.max_batch.max(1),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms.max(1)),
+            statement_timeout: Duration::from_millis(self.statement_timeout_ms.max(1)),
+            lock_timeout: Duration::from_millis(self.lock_timeout_ms.max(1)),
         }
     }
 }

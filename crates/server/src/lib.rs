@@ -52,6 +52,7 @@ pub async fn build(cfg: &Config) -> Result<App, ServeError> {
     opts.sandbox_clock = cfg.sandbox;
     opts.max_batch = cfg.store.max_batch;
     opts.readers = cfg.store.readers;
+    opts.postgres = cfg.postgres.tuning();
     let store = Store::open(opts)
         .await
         .map_err(|e| ServeError::Startup(format!("cannot open the database: {e} ({e:?})")))?;

@@ -14,9 +14,12 @@ pub mod ledger;
 mod migrate;
 pub mod mobikwik;
 pub mod outbox;
+mod postgres;
 pub mod sandbox;
 pub mod seal;
 mod sqlite;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 mod tx;
 mod writer;
 
@@ -95,6 +98,31 @@ impl Location {
     }
 }
 
+/// PostgreSQL settings.
+#[derive(Clone, Debug)]
+pub struct PgTuning {
+    /// Writer connections, each running its own group commits.
+    pub writers: usize,
+    /// Most units in one PostgreSQL commit; every unit costs round trips while
+    /// the batch holds its row locks, so batches are kept smaller than on SQLite.
+    pub max_batch: usize,
+    pub connect_timeout: std::time::Duration,
+    pub statement_timeout: std::time::Duration,
+    pub lock_timeout: std::time::Duration,
+}
+
+impl Default for PgTuning {
+    fn default() -> Self {
+        PgTuning {
+            writers: 4,
+            max_batch: 128,
+            connect_timeout: std::time::Duration::from_secs(2),
+            statement_timeout: std::time::Duration::from_secs(5),
+            lock_timeout: std::time::Duration::from_millis(500),
+        }
+    }
+}
+
 /// How to open a store.
 pub struct Options {
     pub location: Location,
@@ -108,6 +136,7 @@ pub struct Options {
     pub queue_capacity: usize,
     /// Reader connections.
     pub readers: usize,
+    pub postgres: PgTuning,
 }
 
 impl Options {
@@ -120,6 +149,7 @@ impl Options {
             max_batch: 1024,
             queue_capacity: 65_536,
             readers: 8,
+            postgres: PgTuning::default(),
         }
     }
 }
@@ -219,9 +249,42 @@ impl Store {
                     connect_reader,
                 ))
             }
-            Location::Postgres(_) => Err(StoreError::Internal(
-                "PostgreSQL support is not built yet".into(),
-            )),
+            Location::Postgres(url) => {
+                let pg = postgres::PgOptions {
+                    url: url.clone(),
+                    connect_timeout: opts.postgres.connect_timeout,
+                    statement_timeout: opts.postgres.statement_timeout,
+                    lock_timeout: opts.postgres.lock_timeout,
+                };
+                let mut first = postgres::PgConn::connect(&pg)?;
+                // Several nodes may start at once: one migrates, the others
+                // wait here and then find nothing left to do.
+                first.batch("SELECT pg_advisory_lock(7405319)")?;
+                let migrated =
+                    migrate::run(&mut first, migrate::POSTGRES, opts.clock.now().millis())
+                        .and_then(|()| {
+                            check_master_key(&mut first, &Sealer::new(&opts.master_key))
+                        });
+                first.batch("SELECT pg_advisory_unlock(7405319)")?;
+                migrated?;
+                let connect: Connect =
+                    Arc::new(
+                        move || Ok(Box::new(postgres::PgConn::connect(&pg)?) as Box<dyn Conn>),
+                    );
+                let mut writers: Vec<Option<Box<dyn Conn>>> = vec![Some(Box::new(first))];
+                for _ in 1..opts.postgres.writers.max(1) {
+                    writers.push(Some(connect()?));
+                }
+                let mut opts = opts;
+                opts.max_batch = opts.max_batch.min(opts.postgres.max_batch);
+                Ok(Store::start(
+                    opts,
+                    Dialect::Postgres,
+                    writers,
+                    Arc::clone(&connect),
+                    connect,
+                ))
+            }
         }
     }
 
@@ -241,6 +304,7 @@ impl Store {
             sandbox_clock: opts.sandbox_clock,
             sealer: sealer.clone(),
             connect: connect_writer,
+            outcome_wait: opts.postgres.statement_timeout * 2,
         });
         let writer_count = writer_conns.len();
         let handles = writer_conns
@@ -388,24 +452,50 @@ fn check_master_key(conn: &mut dyn Conn, sealer: &Sealer) -> Result<(), StoreErr
     }
 }
 
+impl Drop for Inner {
+    /// Idle connections are closed on a plain thread: closing a PostgreSQL
+    /// connection blocks, which is not allowed on an async runtime's thread,
+    /// where the last handle to the store is usually dropped.
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut *self.idle_readers.lock());
+        if !idle.is_empty() {
+            let _ = std::thread::spawn(move || drop(idle)).join();
+        }
+    }
+}
+
 impl Inner {
     fn run_read<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut Tx<'_>) -> Result<T, E>,
         E: From<StoreError>,
     {
-        let pooled = self.idle_readers.lock().pop();
-        let mut conn = match pooled {
-            Some(c) => c,
-            None => (self.connect_reader)().map_err(|e| E::from(e.into()))?,
-        };
         let begin = match self.dialect {
             Dialect::Sqlite => "BEGIN",
             Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
         };
+        // A pooled connection may have died while idle (a database restart);
+        // that shows at BEGIN, before anything was read, so a fresh one is
+        // tried once.
+        let pooled = self.idle_readers.lock().pop();
+        let mut conn = match pooled {
+            Some(mut c) => match c.batch(begin) {
+                Ok(()) => c,
+                Err(e) if e.kind == DbErrorKind::Unavailable => {
+                    let mut c = (self.connect_reader)().map_err(|e| E::from(e.into()))?;
+                    c.batch(begin).map_err(|e| E::from(e.into()))?;
+                    c
+                }
+                Err(e) => return Err(E::from(e.into())),
+            },
+            None => {
+                let mut c = (self.connect_reader)().map_err(|e| E::from(e.into()))?;
+                c.batch(begin).map_err(|e| E::from(e.into()))?;
+                c
+            }
+        };
         let mut broken = false;
         let result = (|| {
-            conn.batch(begin).map_err(|e| E::from(e.into()))?;
             let now = writer::read_now(conn.as_mut(), &*self.clock, self.sandbox_clock)
                 .map_err(E::from)?;
             let empty = Deferred::new();

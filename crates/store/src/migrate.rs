@@ -31,6 +31,12 @@ pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
     3 "0003_mobikwik",
 );
 
+pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
+    1 "0001_ledger",
+    2 "0002_platform",
+    3 "0003_mobikwik",
+);
+
 fn digest(sql: &str) -> String {
     hex::encode(Sha256::digest(sql.as_bytes()))
 }

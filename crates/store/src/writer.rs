@@ -2,6 +2,14 @@
 //! waiting in the queue, runs them in one transaction (each inside its own
 //! savepoint) and commits once. A caller hears back only after that commit, so
 //! every answer is durable, and one fsync serves the whole batch.
+//!
+//! Failures are sorted by what is known about the batch:
+//! - it surely did not commit (an error before `COMMIT` was sent): its units
+//!   may run again, on a new connection if the old one broke;
+//! - it surely did (the `COMMIT` answered): answers go out;
+//! - nobody knows (the connection broke during `COMMIT`, PostgreSQL only):
+//!   the writer reconnects and reads its own marker row, written inside every
+//!   batch, to learn which it was before answering anyone.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -41,11 +49,14 @@ pub(crate) type Connect = Arc<dyn Fn() -> Result<Box<dyn Conn>, DbError> + Send 
 
 pub(crate) struct WriterConfig {
     pub max_batch: usize,
+    /// Runs a unit gets before it fails with the last error.
     pub max_attempts: u32,
     pub clock: Arc<dyn Clock>,
     pub sandbox_clock: bool,
     pub sealer: Sealer,
     pub connect: Connect,
+    /// How long to keep trying to learn a lost COMMIT's outcome.
+    pub outcome_wait: Duration,
 }
 
 struct Queued {
@@ -59,10 +70,15 @@ const RECONNECT_BACKOFF: Duration = Duration::from_millis(250);
 
 pub(crate) fn run(conn: Option<Box<dyn Conn>>, rx: flume::Receiver<Msg>, cfg: Arc<WriterConfig>) {
     let mut w = Writer {
-        conn,
+        conn: None,
         cfg,
         down_until: None,
+        id: rand::random_range(1..i64::MAX),
+        seq: 0,
     };
+    if let Some(c) = conn {
+        w.adopt(c);
+    }
     let mut carry: Vec<Queued> = Vec::new();
     let mut stopping = false;
     loop {
@@ -87,13 +103,47 @@ pub(crate) fn run(conn: Option<Box<dyn Conn>>, rx: flume::Receiver<Msg>, cfg: Ar
     }
 }
 
+/// Why a batch did not commit, and whether it might have.
+struct BatchFailure {
+    error: StoreError,
+    /// Units that were to be committed (or to run), to retry or fail.
+    units: Vec<Queued>,
+    /// Units rolled back for a lock conflict, to run in a later batch whatever
+    /// became of this one.
+    retry: Vec<Queued>,
+    /// Units that settled on their own (rolled back, panicked) with their answers.
+    settled: Vec<(Box<dyn Job>, Option<StoreError>)>,
+    /// The error came while `COMMIT` was in flight.
+    during_commit: bool,
+}
+
 struct Writer {
     conn: Option<Box<dyn Conn>>,
     cfg: Arc<WriterConfig>,
     down_until: Option<Instant>,
+    /// This writer's marker row (PostgreSQL), random so nodes never collide.
+    id: i64,
+    /// Number of this writer's last batch.
+    seq: i64,
 }
 
 impl Writer {
+    /// Takes a fresh connection into use, registering the marker row.
+    fn adopt(&mut self, mut conn: Box<dyn Conn>) {
+        if conn.dialect() == Dialect::Postgres {
+            let now = self.cfg.clock.now().millis();
+            if let Err(e) = conn.execute(
+                "INSERT INTO payrail_writers (id, last_batch, started_at) VALUES (?1, ?2, ?3) ON CONFLICT (id) DO NOTHING",
+                &[self.id.into(), self.seq.into(), now.into()],
+            ) {
+                tracing::warn!(error = %e, "cannot register the writer's marker row");
+                return;
+            }
+        }
+        self.down_until = None;
+        self.conn = Some(conn);
+    }
+
     fn connection(&mut self) -> Result<&mut Box<dyn Conn>, StoreError> {
         if self.conn.is_none() {
             if self.down_until.is_some_and(|t| Instant::now() < t) {
@@ -103,9 +153,10 @@ impl Writer {
             }
             match (self.cfg.connect)() {
                 Ok(c) => {
-                    tracing::info!("writer reconnected to the database");
-                    self.down_until = None;
-                    self.conn = Some(c);
+                    self.adopt(c);
+                    if self.conn.is_some() {
+                        tracing::info!("writer connected to the database");
+                    }
                 }
                 Err(e) => {
                     self.down_until = Some(Instant::now() + RECONNECT_BACKOFF);
@@ -113,48 +164,114 @@ impl Writer {
                 }
             }
         }
-        Ok(self.conn.as_mut().expect("connection was just ensured"))
-    }
-
-    /// Drops the connection after an error that may mean it is broken.
-    fn on_error(&mut self, e: &StoreError) {
-        if matches!(e, StoreError::Unavailable(_)) {
-            self.conn = None;
-        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| StoreError::Unavailable("writer has no connection".into()))
     }
 
     /// Runs one batch; returns the units to run again in the next one.
     fn run_batch(&mut self, batch: Vec<Queued>) -> Vec<Queued> {
         let started = Instant::now();
         let size = batch.len();
+        self.seq += 1;
         let result = self.try_batch(batch);
         metrics::histogram!("payrail_group_commit_batch_size").record(size as f64);
         metrics::histogram!("payrail_group_commit_seconds").record(started.elapsed().as_secs_f64());
-        match result {
+        let failure = match result {
             Ok((done, retry)) => {
                 metrics::counter!("payrail_ledger_commits_total").increment(1);
                 for (job, err) in done {
                     job.finish(err.map_or(Ok(()), Err));
                 }
-                retry
+                return retry;
             }
-            Err((e, jobs)) => {
-                self.on_error(&e);
-                let retryable = matches!(e, StoreError::Busy(_));
-                if !matches!(e, StoreError::Unavailable(_)) {
-                    tracing::error!(error = ?e, units = size, "group commit failed");
-                }
-                let mut again = Vec::new();
-                for mut q in jobs {
-                    q.attempts += 1;
-                    if retryable && q.attempts < self.cfg.max_attempts {
-                        again.push(q);
-                    } else {
-                        q.job.finish(Err(e.clone()));
+            Err(f) => f,
+        };
+        if matches!(failure.error, StoreError::Unavailable(_)) {
+            self.conn = None;
+        }
+        if failure.during_commit && self.committed_after_all() {
+            tracing::warn!("the connection broke during COMMIT, but the batch is committed");
+            metrics::counter!("payrail_ledger_commits_total").increment(1);
+            for (job, err) in failure.settled {
+                job.finish(err.map_or(Ok(()), Err));
+            }
+            for q in failure.units {
+                q.job.finish(Ok(()));
+            }
+            return failure.retry;
+        }
+        // The batch did not commit. Units that settled alone may have answered
+        // from a sibling's lost work (a duplicate order, say): they are run
+        // again with the others rather than answered.
+        let e = failure.error;
+        match &e {
+            StoreError::Unavailable(_) | StoreError::Closed => {
+                tracing::warn!(error = ?e, units = size, "batch not committed")
+            }
+            _ => tracing::error!(error = ?e, units = size, "batch not committed"),
+        }
+        // Work that surely did not commit may run again: at once on a lock
+        // conflict, once more on a broken connection (a fresh one may work).
+        let may_retry = match &e {
+            StoreError::Busy(_) => !failure.during_commit,
+            StoreError::Unavailable(_) => !failure.during_commit,
+            _ => false,
+        };
+        let limit = if matches!(e, StoreError::Unavailable(_)) {
+            2
+        } else {
+            self.cfg.max_attempts
+        };
+        let mut again = Vec::new();
+        let settled = failure
+            .settled
+            .into_iter()
+            .map(|(job, _)| Queued { job, attempts: 0 });
+        for mut q in failure
+            .units
+            .into_iter()
+            .chain(failure.retry)
+            .chain(settled)
+        {
+            q.attempts += 1;
+            if may_retry && q.attempts < limit {
+                again.push(q);
+            } else {
+                q.job.finish(Err(e.clone()));
+            }
+        }
+        again
+    }
+
+    /// After a COMMIT whose answer was lost: did it commit? Reads this
+    /// writer's marker on a new connection, for up to `outcome_wait`.
+    fn committed_after_all(&mut self) -> bool {
+        let deadline = Instant::now() + self.cfg.outcome_wait;
+        loop {
+            match (self.cfg.connect)() {
+                Ok(mut c) => {
+                    let marker = c.query(
+                        "SELECT last_batch FROM payrail_writers WHERE id = ?1",
+                        &[self.id.into()],
+                    );
+                    match marker.map(|rows| rows.first().and_then(|r| r.int(0).ok())) {
+                        Ok(last) => {
+                            self.adopt(c);
+                            return last == Some(self.seq);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot read the writer's marker yet"),
                     }
                 }
-                again
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reconnect to learn a COMMIT's outcome yet")
+                }
             }
+            if Instant::now() >= deadline {
+                tracing::error!("a COMMIT's outcome is unknown; its callers are told it failed");
+                return false;
+            }
+            std::thread::sleep(RECONNECT_BACKOFF);
         }
     }
 
@@ -162,25 +279,45 @@ impl Writer {
     fn try_batch(
         &mut self,
         batch: Vec<Queued>,
-    ) -> Result<(Vec<(Box<dyn Job>, Option<StoreError>)>, Vec<Queued>), (StoreError, Vec<Queued>)>
-    {
+    ) -> Result<(Vec<(Box<dyn Job>, Option<StoreError>)>, Vec<Queued>), BatchFailure> {
+        let fail = |error: StoreError, units: Vec<Queued>| BatchFailure {
+            error,
+            units,
+            retry: Vec::new(),
+            settled: Vec::new(),
+            during_commit: false,
+        };
         let cfg = Arc::clone(&self.cfg);
-        let conn = match self.connection() {
-            Ok(c) => c.as_mut(),
-            Err(e) => return Err((e, batch)),
-        };
-        let begin = match conn.dialect() {
-            Dialect::Sqlite => "BEGIN IMMEDIATE",
-            Dialect::Postgres => "BEGIN ISOLATION LEVEL READ COMMITTED",
-        };
-        if let Err(e) = conn.batch(begin) {
-            return Err((e.into(), batch));
+        let (id, seq) = (self.id, self.seq);
+        // A pooled connection may have died while idle (a database restart):
+        // BEGIN is where that shows, and nothing has been done yet, so one
+        // fresh connection is tried before giving up.
+        let mut fresh_tried = false;
+        loop {
+            let conn = match self.connection() {
+                Ok(c) => c,
+                Err(e) => return Err(fail(e, batch)),
+            };
+            let begin = match conn.dialect() {
+                Dialect::Sqlite => "BEGIN IMMEDIATE",
+                Dialect::Postgres => "BEGIN ISOLATION LEVEL READ COMMITTED",
+            };
+            match conn.batch(begin) {
+                Ok(()) => break,
+                Err(e) if e.kind == DbErrorKind::Unavailable && !fresh_tried => {
+                    fresh_tried = true;
+                    self.conn = None;
+                    self.down_until = None;
+                }
+                Err(e) => return Err(fail(e.into(), batch)),
+            }
         }
+        let conn = self.conn.as_mut().expect("connected above").as_mut();
         let mut now = match read_now(conn, &*cfg.clock, cfg.sandbox_clock) {
             Ok(t) => t,
             Err(e) => {
                 let _ = conn.batch("ROLLBACK");
-                return Err((e, batch));
+                return Err(fail(e, batch));
             }
         };
 
@@ -193,10 +330,13 @@ impl Writer {
         while let Some(mut q) = rest.next() {
             if let Err(e) = conn.batch("SAVEPOINT unit") {
                 let _ = conn.batch("ROLLBACK");
-                return Err((
-                    e.into(),
-                    committed.into_iter().chain(Some(q)).chain(rest).collect(),
-                ));
+                return Err(BatchFailure {
+                    error: e.into(),
+                    units: committed.into_iter().chain(Some(q)).chain(rest).collect(),
+                    retry,
+                    settled,
+                    during_commit: false,
+                });
             }
             let (outcome, failed, wants_retry, job_deferred) = {
                 let mut tx = Tx::new(conn, now, &cfg.sealer, &deferred, true);
@@ -213,10 +353,13 @@ impl Writer {
             };
             if let Err(e) = step {
                 let _ = conn.batch("ROLLBACK");
-                return Err((
-                    e.into(),
-                    committed.into_iter().chain(Some(q)).chain(rest).collect(),
-                ));
+                return Err(BatchFailure {
+                    error: e.into(),
+                    units: committed.into_iter().chain(Some(q)).chain(rest).collect(),
+                    retry,
+                    settled,
+                    during_commit: false,
+                });
             }
             if keep {
                 for (account, d) in job_deferred {
@@ -246,21 +389,43 @@ impl Writer {
             }
         }
 
-        let flushed = {
+        let mut prepared = {
             let empty = Deferred::new();
             let mut tx = Tx::new(conn, now, &cfg.sealer, &empty, true);
             crate::ledger::apply_deferred(&mut tx, &deferred)
         };
-        let committed_ok = flushed.and_then(|()| conn.batch("COMMIT").map_err(StoreError::from));
-        if let Err(e) = committed_ok {
+        if prepared.is_ok() && conn.dialect() == Dialect::Postgres {
+            prepared = conn
+                .execute(
+                    "UPDATE payrail_writers SET last_batch = ?2 WHERE id = ?1",
+                    &[id.into(), seq.into()],
+                )
+                .map(drop)
+                .map_err(StoreError::from);
+        }
+        if let Err(e) = prepared {
             let _ = conn.batch("ROLLBACK");
-            // Even units that rolled back on their own may have answered from
-            // a sibling's now-lost work (a duplicate order, say), so every
-            // answer in the batch becomes "failed, outcome not applied".
-            for (job, _) in settled {
-                job.finish(Err(e.clone()));
-            }
-            return Err((e, committed.into_iter().chain(retry).collect()));
+            return Err(BatchFailure {
+                error: e,
+                units: committed,
+                retry,
+                settled,
+                during_commit: false,
+            });
+        }
+        if let Err(e) = conn.batch("COMMIT") {
+            let _ = conn.batch("ROLLBACK");
+            // A refusal from the server means no commit; a broken connection
+            // leaves it open.
+            let during_commit =
+                e.kind == DbErrorKind::Unavailable && conn.dialect() == Dialect::Postgres;
+            return Err(BatchFailure {
+                error: e.into(),
+                units: committed,
+                retry,
+                settled,
+                during_commit,
+            });
         }
         settled.extend(committed.into_iter().map(|q| (q.job, None)));
         Ok((settled, retry))

@@ -12,9 +12,11 @@ use std::sync::Arc;
 
 use payrail_core::{AccountFlags, Currency, Money, SystemClock};
 use payrail_store::ledger::{self, LedgerOpError};
-use payrail_store::{Store, StoreError};
+use payrail_store::testkit::TestDb;
+use payrail_store::{Location, Store, StoreError};
 
-const CHILD_ENV: &str = "PAYRAIL_CRASH_CHILD_DIR";
+/// Carries the database URL to the child.
+const CHILD_ENV: &str = "PAYRAIL_CRASH_CHILD_DB";
 const WALLETS: usize = 16;
 
 /// The child's body; runs only when the parent starts this binary with
@@ -22,12 +24,12 @@ const WALLETS: usize = 16;
 #[test]
 #[ignore = "started by acknowledged_work_survives_sigkill"]
 fn crash_child() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else {
+    let Ok(url) = std::env::var(CHILD_ENV) else {
         return;
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
-        let store = common::open_in(std::path::Path::new(&dir), Arc::new(SystemClock)).await;
+        let store = common::open_at(Location::parse(&url).unwrap(), Arc::new(SystemClock)).await;
         let accounts = store
             .write(|tx| {
                 let issuer = ledger::open_account(tx, "issuer", Currency::INR, AccountFlags::NONE)?;
@@ -106,7 +108,7 @@ fn crash_child() {
 #[test]
 fn acknowledged_work_survives_sigkill() {
     for round in 0..6 {
-        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::fresh();
         let kill_after: usize = if round == 0 {
             0
         } else {
@@ -120,7 +122,7 @@ fn acknowledged_work_survives_sigkill() {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env(CHILD_ENV, dir.path())
+            .env(CHILD_ENV, &db.url)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -153,7 +155,7 @@ fn acknowledged_work_survives_sigkill() {
 
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            let store: Store = common::open_in(dir.path(), Arc::new(SystemClock)).await;
+            let store: Store = common::open_at(db.location.clone(), Arc::new(SystemClock)).await;
             let acked_count = acked.len();
             let (missing, halves, units, verification) = store
                 .read(move |tx| {

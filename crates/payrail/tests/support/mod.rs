@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use payrail_mobikwik::client::Client;
+use payrail_store::testkit::TestDb;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -15,20 +16,37 @@ use tokio::process::{Child, Command};
 
 pub const ADMIN_TOKEN: &str = "sandbox-admin-token";
 
-/// A database for one test; removed when dropped.
+/// A database for one test (SQLite or PostgreSQL, as `PAYRAIL_TEST_BACKEND`
+/// says) and a scratch directory; removed when the last handle is dropped.
 #[derive(Clone)]
 pub struct Db {
     pub url: String,
-    pub dir: Arc<tempfile::TempDir>,
+    pub inner: Arc<TestDb>,
 }
 
 impl Db {
     pub fn fresh() -> Db {
-        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-        let url = format!("sqlite://{}", dir.path().join("payrail.db").display());
-        Db { url, dir }
+        Db::from(TestDb::fresh())
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.inner.dir()
     }
 }
+
+impl From<TestDb> for Db {
+    fn from(t: TestDb) -> Db {
+        Db {
+            url: t.url.clone(),
+            inner: Arc::new(t),
+        }
+    }
+}
+
+/// The master key black-box tests run with on PostgreSQL, where it must be
+/// configured outside sandbox mode.
+pub const TEST_MASTER_KEY: &str =
+    "0101010101010101010101010101010101010101010101010101010101010101";
 
 pub struct Server {
     child: Child,
@@ -71,6 +89,9 @@ fn command(db: &Db, opts: &Start, log: &Path) -> Command {
     if let Some(t) = &opts.admin_token {
         cmd.env("PAYRAIL_ADMIN_TOKEN", t);
     }
+    if db.inner.is_postgres() {
+        cmd.env("PAYRAIL_MASTER_KEY", TEST_MASTER_KEY);
+    }
     for (k, v) in &opts.env {
         cmd.env(k, v);
     }
@@ -95,7 +116,9 @@ impl Server {
     }
 
     pub async fn start_with(db: Db, opts: Start) -> Server {
-        let log = db.dir.path().join("server.log");
+        let log = db
+            .dir()
+            .join(format!("server-{}.log", rand::random::<u32>()));
         let mut child = command(&db, &opts, &log).spawn().expect("spawn payrail");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();

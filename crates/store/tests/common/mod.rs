@@ -1,10 +1,11 @@
-//! Shared set-up for the store's tests.
+//! Shared set-up for the store's tests; `PAYRAIL_TEST_BACKEND` picks the engine.
 #![allow(dead_code)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use payrail_core::{Clock, Timestamp};
+use payrail_store::testkit::TestDb;
 use payrail_store::{Location, MasterKey, Options, Store};
 
 /// A clock that only moves when told to.
@@ -25,25 +26,23 @@ impl Clock for ManualClock {
 
 pub struct TestStore {
     pub store: Store,
-    pub dir: tempfile::TempDir,
+    pub db: TestDb,
 }
 
-pub fn options(dir: &std::path::Path, clock: Arc<dyn Clock>) -> Options {
-    let mut o = Options::new(
-        Location::Sqlite(dir.join("test.db")),
-        MasterKey::from_bytes([7; 32]),
-        clock,
-    );
+pub fn options(location: Location, clock: Arc<dyn Clock>) -> Options {
+    let mut o = Options::new(location, MasterKey::from_bytes([7; 32]), clock);
     o.sandbox_clock = true;
     o
 }
 
-pub async fn open_in(dir: &std::path::Path, clock: Arc<dyn Clock>) -> Store {
-    Store::open(options(dir, clock)).await.expect("open store")
+pub async fn open_at(location: Location, clock: Arc<dyn Clock>) -> Store {
+    Store::open(options(location, clock))
+        .await
+        .expect("open store")
 }
 
 pub async fn open() -> TestStore {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_in(dir.path(), ManualClock::at(1_700_000_000_000)).await;
-    TestStore { store, dir }
+    let db = TestDb::fresh();
+    let store = open_at(db.location.clone(), ManualClock::at(1_700_000_000_000)).await;
+    TestStore { store, db }
 }

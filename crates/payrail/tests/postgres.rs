@@ -1,0 +1,429 @@
+//! Several payrail nodes over one PostgreSQL, and PostgreSQL failing under
+//! load. These need a PostgreSQL server (`PAYRAIL_TEST_PG_URL`; `scripts/test`
+//! starts one) and are skipped, loudly, without one.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use payrail_core::Money;
+use payrail_mobikwik::client::{Client, Debit};
+use payrail_store::testkit::{TestDb, postgres_admin_url};
+use reqwest::StatusCode;
+use support::{Db, Server, Start, cell, orderid};
+
+fn admin_url() -> Option<String> {
+    let url = postgres_admin_url();
+    if url.is_none() {
+        eprintln!("SKIPPED: no PostgreSQL (set PAYRAIL_TEST_PG_URL, or run ./scripts/test)");
+    }
+    url
+}
+
+async fn nodes(db: &Db, n: usize) -> Vec<Server> {
+    let starts = (0..n).map(|_| Server::start_with(db.clone(), Start::default()));
+    futures::future::join_all(starts).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_debit_a_hot_wallet_exactly_k_times() {
+    let Some(admin) = admin_url() else { return };
+    const K: usize = 40;
+    const N: usize = 150;
+    let db = Db::from(TestDb::postgres(&admin));
+    let nodes = nodes(&db, 3).await;
+    let w = cell(20);
+    let token = nodes[0]
+        .wallet_with_token(&w, &format!("{}.00", 3 * K), "3")
+        .await;
+    let clients: Vec<Client> = nodes.iter().map(Server::client).collect();
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let (c, w, token) = (clients[i % 3].clone(), w.clone(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            c.debit(&Debit::new(&w, "3", &orderid("HOT", i), &token))
+                .await
+                .expect("debit")
+        }));
+    }
+    let mut codes = BTreeMap::<String, usize>::new();
+    for t in tasks {
+        *codes
+            .entry(t.await.unwrap().statuscode().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        codes,
+        [("0".to_string(), K), ("301".to_string(), N - K)]
+            .into_iter()
+            .collect()
+    );
+    for n in &nodes {
+        assert_eq!(n.wallet_balance(&w).await, "0.00");
+    }
+    nodes[2].verify_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_orderid_sent_to_every_node_at_once_debits_once() {
+    let Some(admin) = admin_url() else { return };
+    let db = Db::from(TestDb::postgres(&admin));
+    let nodes = nodes(&db, 3).await;
+    let clients: Vec<Client> = nodes.iter().map(Server::client).collect();
+    let mut tasks = Vec::new();
+    for copy in 0..30 {
+        let c = clients[copy % 3].clone();
+        tasks.push(tokio::spawn(async move {
+            c.debit(&Debit::new(
+                "9311032820",
+                "17.00",
+                "EVERYWHERE_01",
+                "MBK_TOKEN_123456789",
+            ))
+            .await
+            .expect("debit")
+        }));
+    }
+    let mut codes = BTreeMap::<String, usize>::new();
+    for t in tasks {
+        *codes
+            .entry(t.await.unwrap().statuscode().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        codes,
+        [("0".to_string(), 1), ("304".to_string(), 29)]
+            .into_iter()
+            .collect()
+    );
+    assert_eq!(nodes[1].wallet_balance("9311032820").await, "9983.00");
+    nodes[0].verify_ok().await;
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Outcome {
+    Success,
+    Refused(String),
+    NoAnswer,
+}
+
+struct Sent {
+    orderid: String,
+    wallet: usize,
+    amount: Money,
+    outcome: Outcome,
+}
+
+/// Debits from `workers` tasks over `clients` until `stop`; every request and
+/// what it was answered.
+fn load(
+    clients: Vec<Client>,
+    wallets: Arc<Vec<(String, String)>>,
+    workers: usize,
+    tag: &'static str,
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<Vec<Sent>>> {
+    (0..workers)
+        .map(|worker| {
+            let (clients, wallets, stop, answered) = (
+                clients.clone(),
+                Arc::clone(&wallets),
+                Arc::clone(&stop),
+                Arc::clone(&answered),
+            );
+            tokio::spawn(async move {
+                let mut sent = Vec::new();
+                let mut n = 0usize;
+                while !stop.load(Ordering::SeqCst) {
+                    let c = &clients[(worker + n) % clients.len()];
+                    let wi = (worker * 7 + n) % wallets.len();
+                    let (w, token) = &wallets[wi];
+                    let orderid = format!("{tag}{worker:02}N{n:06}");
+                    let amount = Money::from_minor(100 + ((worker * 13 + n * 7) % 200) as i64);
+                    let outcome = match c
+                        .debit(&Debit::new(w, &amount.to_string(), &orderid, token))
+                        .await
+                    {
+                        Ok(r) => {
+                            assert!(r.checksum_ok, "{r:?}");
+                            if r.is_success() {
+                                Outcome::Success
+                            } else {
+                                Outcome::Refused(r.statuscode().to_string())
+                            }
+                        }
+                        // A killed node: no answer.
+                        Err(_) => Outcome::NoAnswer,
+                    };
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    sent.push(Sent {
+                        orderid,
+                        wallet: wi,
+                        amount,
+                        outcome,
+                    });
+                    n += 1;
+                }
+                sent
+            })
+        })
+        .collect()
+}
+
+/// After the dust settles: every SUCCESS is there, every refusal is not,
+/// and each wallet's balance is its start less the debits that exist.
+async fn reconcile(node: &Server, wallets: &[(String, String)], start: Money, sent: &[Sent]) {
+    let c = node.client();
+    let mut spent: HashMap<usize, Money> = HashMap::new();
+    let mut successes = 0;
+    for x in sent {
+        let st = c.check_status(&x.orderid).await.expect("checkstatus");
+        assert!(st.checksum_ok);
+        let present = st.statuscode() == "0";
+        match (&x.outcome, present) {
+            (Outcome::Success, false) => panic!("{} was answered SUCCESS but is gone", x.orderid),
+            (Outcome::Refused(code), true) => {
+                panic!("{} was refused ({code}) but was debited", x.orderid)
+            }
+            _ => {}
+        }
+        if present {
+            assert_eq!(Money::parse(st.get("amount")).unwrap(), x.amount);
+            let e = spent.entry(x.wallet).or_default();
+            *e = e.checked_add(x.amount).unwrap();
+        }
+        successes += usize::from(x.outcome == Outcome::Success);
+    }
+    assert!(successes > 0, "nothing succeeded");
+    for (i, (w, _)) in wallets.iter().enumerate() {
+        let expected = start
+            .checked_sub(spent.get(&i).copied().unwrap_or_default())
+            .unwrap();
+        assert_eq!(
+            node.wallet_balance(w).await,
+            expected.to_string(),
+            "wallet {w}"
+        );
+    }
+    node.verify_ok().await;
+}
+
+async fn funded_wallets(
+    node: &Server,
+    first_cell: u32,
+    count: u32,
+    balance: &str,
+) -> Arc<Vec<(String, String)>> {
+    let mut wallets = Vec::new();
+    for i in 0..count {
+        let w = cell(first_cell + i);
+        let token = node.wallet_with_token(&w, balance, "2.99").await;
+        wallets.push((w, token));
+    }
+    Arc::new(wallets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_killed_mid_load_loses_no_answered_debit() {
+    let Some(admin) = admin_url() else { return };
+    let db = Db::from(TestDb::postgres(&admin));
+    let mut nodes = nodes(&db, 3).await;
+    let start = Money::parse("150.00").unwrap();
+    let wallets = funded_wallets(&nodes[0], 40, 5, "150.00").await;
+    let clients: Vec<Client> = nodes.iter().map(Server::client).collect();
+    let (stop, answered) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let tasks = load(
+        clients,
+        Arc::clone(&wallets),
+        18,
+        "NODEKILL",
+        Arc::clone(&stop),
+        Arc::clone(&answered),
+    );
+    let kill_at = rand::random_range(50..400usize);
+    while answered.load(Ordering::SeqCst) < kill_at {
+        tokio::task::yield_now().await;
+    }
+    let victim = nodes.remove(1);
+    support::sigkill(victim.pid() as i32);
+    // Keep the survivors under load a little longer.
+    let resume_at = answered.load(Ordering::SeqCst) + 200;
+    while answered.load(Ordering::SeqCst) < resume_at {
+        tokio::task::yield_now().await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut sent = Vec::new();
+    for t in tasks {
+        sent.extend(t.await.unwrap());
+    }
+    drop(victim);
+    reconcile(&nodes[0], &wallets, start, &sent).await;
+}
+
+/// A throwaway cluster of our own, which this test may stop and start.
+struct OwnCluster {
+    dir: tempfile::TempDir,
+    port: u16,
+    script: PathBuf,
+}
+
+impl OwnCluster {
+    fn start() -> OwnCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("payrail-pgfault")
+            .tempdir()
+            .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let script =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/pg-test-cluster");
+        let c = OwnCluster { dir, port, script };
+        c.run("start");
+        c
+    }
+
+    fn run(&self, what: &str) {
+        let mut cmd = std::process::Command::new(&self.script);
+        cmd.arg(what).arg(self.dir.path());
+        if what == "start" {
+            cmd.arg(self.port.to_string());
+        }
+        let status = cmd.status().expect("pg-test-cluster");
+        assert!(status.success(), "pg-test-cluster {what} failed");
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        self.run("stop");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_restarting_under_load_loses_and_duplicates_nothing() {
+    if admin_url().is_none() {
+        return;
+    }
+    let cluster = OwnCluster::start();
+    let db = Db::from(TestDb::postgres(&cluster.url()));
+    let nodes = nodes(&db, 2).await;
+    let start = Money::parse("400.00").unwrap();
+    let wallets = funded_wallets(&nodes[0], 60, 4, "400.00").await;
+    let clients: Vec<Client> = nodes.iter().map(Server::client).collect();
+    let (stop, answered) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let tasks = load(
+        clients,
+        Arc::clone(&wallets),
+        12,
+        "PGRESTART",
+        Arc::clone(&stop),
+        Arc::clone(&answered),
+    );
+    while answered.load(Ordering::SeqCst) < 150 {
+        tokio::task::yield_now().await;
+    }
+
+    let stopper = tokio::task::spawn_blocking({
+        let script = cluster.script.clone();
+        let dir = cluster.dir.path().to_path_buf();
+        move || {
+            std::process::Command::new(script)
+                .arg("stop")
+                .arg(dir)
+                .status()
+                .unwrap()
+        }
+    });
+    assert!(stopper.await.unwrap().success());
+    // While it is down: fast, documented failures, and not ready.
+    let http = reqwest::Client::new();
+    let r = http.get(nodes[0].url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let during = answered.load(Ordering::SeqCst);
+    while answered.load(Ordering::SeqCst) < during + 100 {
+        tokio::task::yield_now().await;
+    }
+
+    cluster.run("start");
+    // Service resumes by itself: readiness returns and debits succeed again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for n in &nodes {
+        loop {
+            let ready = http
+                .get(n.url("/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK);
+            if ready {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node not ready again within 30s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let after = answered.load(Ordering::SeqCst);
+    while answered.load(Ordering::SeqCst) < after + 200 {
+        tokio::task::yield_now().await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut sent = Vec::new();
+    for t in tasks {
+        sent.extend(t.await.unwrap());
+    }
+    // Every answer was a documented one; the outage gave 99s, then successes came back.
+    let mut codes = BTreeMap::<String, usize>::new();
+    for x in &sent {
+        let key = match &x.outcome {
+            Outcome::Success => "0".to_string(),
+            Outcome::Refused(c) => c.clone(),
+            Outcome::NoAnswer => "no answer".to_string(),
+        };
+        *codes.entry(key).or_default() += 1;
+    }
+    assert!(
+        codes
+            .keys()
+            .all(|c| ["0", "99", "301"].contains(&c.as_str())),
+        "{codes:?}"
+    );
+    assert!(
+        codes.get("99").is_some_and(|n| *n > 0),
+        "the outage was not seen: {codes:?}"
+    );
+    let resumed = sent
+        .iter()
+        .rev()
+        .take(50)
+        .filter(|x| x.outcome == Outcome::Success)
+        .count();
+    assert!(
+        resumed > 0,
+        "no debit succeeded after the restart: {codes:?}"
+    );
+    let log = nodes[0].log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    reconcile(&nodes[1], &wallets, start, &sent).await;
+    drop(nodes);
+    drop(db);
+}

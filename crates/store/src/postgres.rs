@@ -1,0 +1,232 @@
+//! The PostgreSQL engine: several payrail nodes over one database.
+//!
+//! The same queries as SQLite run here (see [`crate::conn`]): `?N` becomes
+//! `$N` and `/*FOR UPDATE*/` becomes `FOR UPDATE`. Writers run at READ
+//! COMMITTED; what keeps money right across nodes is in the queries
+//! themselves (conditional updates that re-check after a lock wait, row locks,
+//! unique constraints), explained where each is used.
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres::error::SqlState;
+use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use postgres::{Client, NoTls, Statement};
+
+use crate::conn::{Conn, DbError, DbErrorKind, Dialect, Param, Row, Value};
+
+/// Connection settings.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    pub url: String,
+    pub connect_timeout: Duration,
+    /// A statement running longer is cancelled (and its unit retried or failed).
+    pub statement_timeout: Duration,
+    /// A unit waiting this long for a row lock gives up and is retried in a
+    /// later batch, once this writer's own locks are released: it breaks
+    /// cross-node lock cycles long before PostgreSQL's deadlock detector.
+    pub lock_timeout: Duration,
+}
+
+pub(crate) struct PgConn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl PgConn {
+    pub(crate) fn connect(o: &PgOptions) -> Result<PgConn, DbError> {
+        let mut cfg = postgres::Config::from_str(&o.url).map_err(|e| {
+            DbError::new(DbErrorKind::Unavailable, format!("bad PostgreSQL URL: {e}"))
+        })?;
+        cfg.connect_timeout(o.connect_timeout)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .tcp_user_timeout(o.statement_timeout + Duration::from_secs(5))
+            .application_name("payrail")
+            .options(&format!(
+                "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+                o.statement_timeout.as_millis(),
+                o.lock_timeout.as_millis(),
+                (o.statement_timeout * 4).as_millis(),
+            ));
+        let client = cfg.connect(NoTls).map_err(classify)?;
+        Ok(PgConn {
+            client,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn statement(&mut self, sql: &'static str) -> Result<Statement, DbError> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(&translate(sql)).map_err(classify)?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+}
+
+/// Rewrites a query from the shared dialect into PostgreSQL's.
+pub(crate) fn translate(sql: &str) -> String {
+    let sql = sql.replace("/*FOR UPDATE*/", "FOR UPDATE");
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '?' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('$');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+pub(crate) fn classify(e: postgres::Error) -> DbError {
+    let kind = match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => DbErrorKind::UniqueViolation,
+        Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => DbErrorKind::ForeignKeyViolation,
+        Some(c) if *c == SqlState::CHECK_VIOLATION => DbErrorKind::CheckViolation,
+        Some(c)
+            if *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::LOCK_NOT_AVAILABLE
+                || *c == SqlState::QUERY_CANCELED =>
+        {
+            DbErrorKind::Retryable
+        }
+        Some(c)
+            if *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+                || *c == SqlState::CONNECTION_EXCEPTION
+                || *c == SqlState::CONNECTION_FAILURE
+                || *c == SqlState::TOO_MANY_CONNECTIONS
+                || *c == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT =>
+        {
+            DbErrorKind::Unavailable
+        }
+        Some(_) => DbErrorKind::Other,
+        // No SQLSTATE: the connection itself failed (refused, reset, closed).
+        None => DbErrorKind::Unavailable,
+    };
+    let detail = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    };
+    DbError::new(kind, detail)
+}
+
+/// A parameter bound to whatever type PostgreSQL inferred for its slot.
+#[derive(Debug)]
+struct PgParam<'a>(Param<'a>);
+
+impl ToSql for PgParam<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        match self.0 {
+            Param::Null => Ok(IsNull::Yes),
+            Param::Int(v) => match *ty {
+                Type::INT8 => v.to_sql(ty, out),
+                Type::INT4 => i32::try_from(v)?.to_sql(ty, out),
+                Type::INT2 => i16::try_from(v)?.to_sql(ty, out),
+                _ => Err(format!("integer bound to a {ty} parameter").into()),
+            },
+            Param::Text(s) => s.to_sql(ty, out),
+            Param::Blob(b) => b.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+fn read_row(row: &postgres::Row) -> Result<Row, DbError> {
+    let mut values = Vec::with_capacity(row.len());
+    for (i, col) in row.columns().iter().enumerate() {
+        let bad = |e: postgres::Error| DbError::other(format!("column {}: {e}", col.name()));
+        let v = match *col.type_() {
+            Type::INT8 => row
+                .try_get::<_, Option<i64>>(i)
+                .map_err(bad)?
+                .map(Value::Int),
+            Type::INT4 => row
+                .try_get::<_, Option<i32>>(i)
+                .map_err(bad)?
+                .map(|v| Value::Int(v.into())),
+            Type::INT2 => row
+                .try_get::<_, Option<i16>>(i)
+                .map_err(bad)?
+                .map(|v| Value::Int(v.into())),
+            Type::BOOL => row
+                .try_get::<_, Option<bool>>(i)
+                .map_err(bad)?
+                .map(|v| Value::Int(v.into())),
+            Type::BYTEA => row
+                .try_get::<_, Option<Vec<u8>>>(i)
+                .map_err(bad)?
+                .map(Value::Blob),
+            Type::TEXT | Type::VARCHAR | Type::NAME | Type::BPCHAR => row
+                .try_get::<_, Option<String>>(i)
+                .map_err(bad)?
+                .map(Value::Text),
+            ref other => {
+                return Err(DbError::other(format!(
+                    "column {}: unsupported type {other}",
+                    col.name()
+                )));
+            }
+        };
+        values.push(v.unwrap_or(Value::Null));
+    }
+    Ok(Row(values))
+}
+
+impl Conn for PgConn {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    fn execute(&mut self, sql: &'static str, params: &[Param<'_>]) -> Result<u64, DbError> {
+        let stmt = self.statement(sql)?;
+        let bound: Vec<PgParam<'_>> = params.iter().map(|p| PgParam(*p)).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            bound.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        self.client.execute(&stmt, &refs).map_err(classify)
+    }
+
+    fn query(&mut self, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<Row>, DbError> {
+        let stmt = self.statement(sql)?;
+        let bound: Vec<PgParam<'_>> = params.iter().map(|p| PgParam(*p)).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            bound.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let rows = self.client.query(&stmt, &refs).map_err(classify)?;
+        rows.iter().map(read_row).collect()
+    }
+
+    fn batch(&mut self, sql: &str) -> Result<(), DbError> {
+        self.client.batch_execute(sql).map_err(classify)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::translate;
+
+    #[test]
+    fn translates_placeholders_and_locks() {
+        assert_eq!(
+            translate("SELECT a FROM t WHERE id = ?1 AND b = ?12 /*FOR UPDATE*/"),
+            "SELECT a FROM t WHERE id = $1 AND b = $12 FOR UPDATE"
+        );
+        assert_eq!(translate("SELECT '?' AS q"), "SELECT '?' AS q");
+    }
+}

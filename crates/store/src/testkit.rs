@@ -1,0 +1,161 @@
+//! Test support (feature `testkit`): a fresh database per test, on the
+//! backend chosen by `PAYRAIL_TEST_BACKEND` (`sqlite`, the default, or
+//! `postgres`, using the server at `PAYRAIL_TEST_PG_URL`). One parameterised
+//! suite runs against either.
+
+use std::path::Path;
+
+use crate::Location;
+
+/// Runs `f` on a plain thread: the synchronous PostgreSQL client must not run
+/// on an async runtime's thread, and tests call this from both kinds.
+fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(f)
+        .join()
+        .expect("test database helper panicked")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub fn backend() -> Backend {
+    match std::env::var("PAYRAIL_TEST_BACKEND").as_deref() {
+        Ok("postgres") => Backend::Postgres,
+        Ok("sqlite") | Err(_) => Backend::Sqlite,
+        Ok(other) => panic!("PAYRAIL_TEST_BACKEND={other}: use sqlite or postgres"),
+    }
+}
+
+/// The PostgreSQL server tests may use, if any. With `PAYRAIL_REQUIRE_PG=1`
+/// (set by `scripts/test`) its absence is an error, so that CI cannot skip
+/// the PostgreSQL tests by accident.
+pub fn postgres_admin_url() -> Option<String> {
+    match std::env::var("PAYRAIL_TEST_PG_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("PAYRAIL_REQUIRE_PG").is_ok_and(|v| v == "1") => {
+            panic!("PAYRAIL_REQUIRE_PG=1 but PAYRAIL_TEST_PG_URL is not set")
+        }
+        _ => None,
+    }
+}
+
+/// A database for one test, and a scratch directory; both removed on drop.
+pub struct TestDb {
+    pub url: String,
+    pub location: Location,
+    dir: tempfile::TempDir,
+    postgres: Option<(String, String)>,
+}
+
+impl TestDb {
+    /// On the backend `PAYRAIL_TEST_BACKEND` selects.
+    pub fn fresh() -> TestDb {
+        match backend() {
+            Backend::Sqlite => TestDb::sqlite(),
+            Backend::Postgres => {
+                let admin = postgres_admin_url()
+                    .expect("PAYRAIL_TEST_BACKEND=postgres needs PAYRAIL_TEST_PG_URL");
+                TestDb::postgres(&admin)
+            }
+        }
+    }
+
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("payrail.db");
+        TestDb {
+            url: format!("sqlite://{}", path.display()),
+            location: Location::Sqlite(path),
+            dir,
+            postgres: None,
+        }
+    }
+
+    /// A new, empty database on the server at `admin_url`.
+    pub fn postgres(admin_url: &str) -> TestDb {
+        let name = format!("payrail_test_{}", hex::encode(rand::random::<[u8; 8]>()));
+        let (admin, create) = (admin_url.to_string(), format!("CREATE DATABASE {name}"));
+        off_runtime(move || {
+            let mut admin = postgres::Client::connect(&admin, postgres::NoTls)
+                .expect("connect to the test PostgreSQL");
+            admin
+                .batch_execute(&create)
+                .expect("create a test database");
+        });
+        let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
+        let url = format!("{base}/{name}");
+        TestDb {
+            location: Location::Postgres(url.clone()),
+            url,
+            dir: tempfile::tempdir().expect("tempdir"),
+            postgres: Some((admin_url.to_string(), name)),
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.postgres.is_some()
+    }
+
+    /// A scratch directory that lives as long as the database.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything the database holds, as bytes, to search for plain text.
+    pub fn dump(&self) -> Vec<u8> {
+        match &self.location {
+            Location::Sqlite(path) => {
+                let mut bytes = std::fs::read(path).unwrap_or_default();
+                let mut wal = path.as_os_str().to_owned();
+                wal.push("-wal");
+                bytes.extend(std::fs::read(wal).unwrap_or_default());
+                bytes
+            }
+            Location::Postgres(url) => {
+                let url = url.clone();
+                off_runtime(move || dump_postgres(&url))
+            }
+        }
+    }
+}
+
+fn dump_postgres(url: &str) -> Vec<u8> {
+    let mut c = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+    let tables: Vec<String> = c
+        .query(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .expect("list tables")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut out = Vec::new();
+    for t in tables {
+        for row in c
+            .query(&format!("SELECT t::text FROM {t} t"), &[])
+            .expect("dump")
+        {
+            let text: String = row.get(0);
+            out.extend_from_slice(text.as_bytes());
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = self.postgres.take() {
+            off_runtime(move || {
+                if let Ok(mut c) = postgres::Client::connect(&admin, postgres::NoTls) {
+                    let _ =
+                        c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+                }
+            });
+        }
+    }
+}
