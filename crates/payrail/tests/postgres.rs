@@ -127,14 +127,16 @@ fn load(
     tag: &'static str,
     stop: Arc<AtomicBool>,
     answered: Arc<AtomicUsize>,
+    succeeded: Arc<AtomicUsize>,
 ) -> Vec<tokio::task::JoinHandle<Vec<Sent>>> {
     (0..workers)
         .map(|worker| {
-            let (clients, wallets, stop, answered) = (
+            let (clients, wallets, stop, answered, succeeded) = (
                 clients.clone(),
                 Arc::clone(&wallets),
                 Arc::clone(&stop),
                 Arc::clone(&answered),
+                Arc::clone(&succeeded),
             );
             tokio::spawn(async move {
                 let mut sent = Vec::new();
@@ -152,6 +154,7 @@ fn load(
                         Ok(r) => {
                             assert!(r.checksum_ok, "{r:?}");
                             if r.is_success() {
+                                succeeded.fetch_add(1, Ordering::SeqCst);
                                 Outcome::Success
                             } else {
                                 Outcome::Refused(r.statuscode().to_string())
@@ -236,8 +239,9 @@ async fn a_node_killed_mid_load_loses_no_answered_debit() {
     let start = Money::parse("150.00").unwrap();
     let wallets = funded_wallets(&nodes[0], 40, 5, "150.00").await;
     let clients: Vec<Client> = nodes.iter().map(Server::client).collect();
-    let (stop, answered) = (
+    let (stop, answered, succeeded) = (
         Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
         Arc::new(AtomicUsize::new(0)),
     );
     let tasks = load(
@@ -247,6 +251,7 @@ async fn a_node_killed_mid_load_loses_no_answered_debit() {
         "NODEKILL",
         Arc::clone(&stop),
         Arc::clone(&answered),
+        Arc::clone(&succeeded),
     );
     let kill_at = rand::random_range(50..400usize);
     while answered.load(Ordering::SeqCst) < kill_at {
@@ -325,8 +330,9 @@ async fn postgres_restarting_under_load_loses_and_duplicates_nothing() {
     let start = Money::parse("400.00").unwrap();
     let wallets = funded_wallets(&nodes[0], 60, 4, "400.00").await;
     let clients: Vec<Client> = nodes.iter().map(Server::client).collect();
-    let (stop, answered) = (
+    let (stop, answered, succeeded) = (
         Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
         Arc::new(AtomicUsize::new(0)),
     );
     let tasks = load(
@@ -336,6 +342,7 @@ async fn postgres_restarting_under_load_loses_and_duplicates_nothing() {
         "PGRESTART",
         Arc::clone(&stop),
         Arc::clone(&answered),
+        Arc::clone(&succeeded),
     );
     while answered.load(Ordering::SeqCst) < 150 {
         tokio::task::yield_now().await;
@@ -382,8 +389,13 @@ async fn postgres_restarting_under_load_loses_and_duplicates_nothing() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let after = answered.load(Ordering::SeqCst);
-    while answered.load(Ordering::SeqCst) < after + 200 {
+    // Writes resume too: wait (bounded) until debits succeed again, then a little more.
+    let before = succeeded.load(Ordering::SeqCst);
+    while succeeded.load(Ordering::SeqCst) < before + 100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "debits did not succeed again within 30s"
+        );
         tokio::task::yield_now().await;
     }
     stop.store(true, Ordering::SeqCst);

@@ -174,6 +174,20 @@ pub enum Dialect {
     Postgres,
 }
 
+/// Transaction control, run very often (several times per unit of work), so
+/// an engine may keep them prepared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Begin a write transaction.
+    BeginWrite,
+    Commit,
+    Rollback,
+    Savepoint,
+    Release,
+    /// Undo everything since the savepoint, and release it.
+    RollbackToSavepoint,
+}
+
 /// A connection to one engine. Used from one thread at a time.
 pub trait Conn: Send {
     fn dialect(&self) -> Dialect;
@@ -184,6 +198,8 @@ pub trait Conn: Send {
     /// Runs a query (or a statement with `RETURNING`) and returns its rows.
     fn query(&mut self, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<Row>, DbError>;
 
-    /// Runs parameterless SQL such as `BEGIN`, `SAVEPOINT s` or a migration.
+    /// Runs parameterless SQL such as a migration.
     fn batch(&mut self, sql: &str) -> Result<(), DbError>;
+
+    fn control(&mut self, c: Control) -> Result<(), DbError>;
 }

@@ -10,6 +10,7 @@
 //! run the same queries through the [`conn::Conn`] seam.
 
 pub mod conn;
+mod durable;
 pub mod ledger;
 mod migrate;
 pub mod mobikwik;
@@ -164,6 +165,9 @@ struct Inner {
     jobs: flume::Sender<Msg>,
     writers: Mutex<Vec<JoinHandle<()>>>,
     writer_count: usize,
+    /// SQLite: the thread that syncs and answers, and its watermarks.
+    sync_thread: Mutex<Option<JoinHandle<()>>>,
+    marks: Option<Arc<durable::Watermarks>>,
     read_permits: Arc<Semaphore>,
     idle_readers: Mutex<Vec<Box<dyn Conn>>>,
     connect_reader: Connect,
@@ -227,6 +231,17 @@ impl Store {
                 let mut writer_conn = sqlite::SqliteConn::open(&path, sqlite::Role::Writer)?;
                 migrate::run(&mut writer_conn, migrate::SQLITE, opts.clock.now().millis())?;
                 check_master_key(&mut writer_conn, &Sealer::new(&opts.master_key))?;
+                let checkpointer = sqlite::Checkpointer::start(&path)?;
+                checkpointer.watch(&mut writer_conn)?;
+                // The engine does not sync commits: the pipeline does (see `durable`).
+                writer_conn.batch("PRAGMA synchronous = OFF")?;
+                let marks = durable::Watermarks::new();
+                let mut wal = path.as_os_str().to_owned();
+                wal.push("-wal");
+                let (syncer, sync_thread) = durable::Syncer::start(wal.into(), Arc::clone(&marks))
+                    .map_err(|e| {
+                        StoreError::Internal(format!("cannot start the sync thread: {e}"))
+                    })?;
                 let reader_path = path.clone();
                 let connect_reader: Connect = Arc::new(move || {
                     Ok(Box::new(sqlite::SqliteConn::open(
@@ -247,6 +262,7 @@ impl Store {
                     vec![Some(Box::new(writer_conn) as Box<dyn Conn>)],
                     connect_writer,
                     connect_reader,
+                    Some((syncer, marks, sync_thread)),
                 ))
             }
             Location::Postgres(url) => {
@@ -283,6 +299,7 @@ impl Store {
                     writers,
                     Arc::clone(&connect),
                     connect,
+                    None,
                 ))
             }
         }
@@ -294,7 +311,16 @@ impl Store {
         writer_conns: Vec<Option<Box<dyn Conn>>>,
         connect_writer: Connect,
         connect_reader: Connect,
+        pipeline: Option<(durable::Syncer, Arc<durable::Watermarks>, JoinHandle<()>)>,
     ) -> Store {
+        let (pipeline, marks, sync_thread) = match pipeline {
+            Some((syncer, marks, thread)) => (
+                Some((syncer, Arc::clone(&marks))),
+                Some(marks),
+                Some(thread),
+            ),
+            None => (None, None, None),
+        };
         let sealer = Sealer::new(&opts.master_key);
         let (tx, rx) = flume::bounded(opts.queue_capacity);
         let cfg = Arc::new(WriterConfig {
@@ -305,6 +331,7 @@ impl Store {
             sealer: sealer.clone(),
             connect: connect_writer,
             outcome_wait: opts.postgres.statement_timeout * 2,
+            pipeline,
         });
         let writer_count = writer_conns.len();
         let handles = writer_conns
@@ -324,6 +351,8 @@ impl Store {
                 jobs: tx,
                 writers: Mutex::new(handles),
                 writer_count,
+                sync_thread: Mutex::new(sync_thread),
+                marks,
                 read_permits: Arc::new(Semaphore::new(opts.readers.max(1))),
                 idle_readers: Mutex::new(Vec::new()),
                 connect_reader,
@@ -391,7 +420,7 @@ impl Store {
             .await
             .map_err(|_| E::from(StoreError::Closed))?;
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             inner.run_read(f)
         })
@@ -400,7 +429,12 @@ impl Store {
             Err(E::from(StoreError::Internal(format!(
                 "read task failed: {e}"
             ))))
-        })
+        });
+        // Nothing a read saw reaches the caller before it is durable.
+        if let Some(marks) = &self.inner.marks {
+            marks.settle_read().await;
+        }
+        result
     }
 
     /// Is the database reachable?
@@ -419,8 +453,14 @@ impl Store {
             let _ = self.inner.jobs.send_async(Msg::Stop).await;
         }
         let handles = std::mem::take(&mut *self.inner.writers.lock());
+        let sync_thread = self.inner.sync_thread.lock().take();
         let _ = tokio::task::spawn_blocking(move || {
             for h in handles {
+                let _ = h.join();
+            }
+            // The writers are gone, so is the syncer's queue: it answers what
+            // is left and ends.
+            if let Some(h) = sync_thread {
                 let _ = h.join();
             }
         })
@@ -470,6 +510,7 @@ impl Inner {
         F: FnOnce(&mut Tx<'_>) -> Result<T, E>,
         E: From<StoreError>,
     {
+        // A read-only snapshot.
         let begin = match self.dialect {
             Dialect::Sqlite => "BEGIN",
             Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",

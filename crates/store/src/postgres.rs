@@ -16,7 +16,7 @@ use postgres::error::SqlState;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{Client, NoTls, Statement};
 
-use crate::conn::{Conn, DbError, DbErrorKind, Dialect, Param, Row, Value};
+use crate::conn::{Conn, Control, DbError, DbErrorKind, Dialect, Param, Row, Value};
 
 /// Connection settings.
 #[derive(Clone, Debug)]
@@ -214,6 +214,17 @@ impl Conn for PgConn {
 
     fn batch(&mut self, sql: &str) -> Result<(), DbError> {
         self.client.batch_execute(sql).map_err(classify)
+    }
+
+    fn control(&mut self, c: Control) -> Result<(), DbError> {
+        self.batch(match c {
+            Control::BeginWrite => "BEGIN ISOLATION LEVEL READ COMMITTED",
+            Control::Commit => "COMMIT",
+            Control::Rollback => "ROLLBACK",
+            Control::Savepoint => "SAVEPOINT unit",
+            Control::Release => "RELEASE SAVEPOINT unit",
+            Control::RollbackToSavepoint => "ROLLBACK TO SAVEPOINT unit; RELEASE SAVEPOINT unit",
+        })
     }
 }
 

@@ -7,13 +7,14 @@ use std::time::Duration;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, ToSql, ffi};
 
-use crate::conn::{Conn, DbError, DbErrorKind, Dialect, Param, Row, Value};
+use crate::conn::{Conn, Control, DbError, DbErrorKind, Dialect, Param, Row, Value};
 
 /// How a connection will be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Role {
     Writer,
     Reader,
+    Checkpointer,
 }
 
 pub(crate) struct SqliteConn {
@@ -38,13 +39,20 @@ impl SqliteConn {
              PRAGMA synchronous = FULL;
              PRAGMA foreign_keys = ON;
              PRAGMA temp_store = MEMORY;
-             PRAGMA cache_size = -65536;",
+             PRAGMA cache_size = -16384;",
         )
         .map_err(classify)?;
-        if role == Role::Reader {
-            conn.execute_batch("PRAGMA query_only = ON;")
-                .map_err(classify)?;
+        match role {
+            Role::Reader => conn.execute_batch("PRAGMA query_only = ON;"),
+            // Checkpoints run on their own thread (see `Checkpointer`), not
+            // inside the writer's commits.
+            // After a burst, the WAL file is cut back to 64 MiB when it restarts.
+            Role::Writer => conn.execute_batch(
+                "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;",
+            ),
+            Role::Checkpointer => Ok(()),
         }
+        .map_err(classify)?;
         Ok(SqliteConn { conn })
     }
 }
@@ -130,4 +138,105 @@ impl Conn for SqliteConn {
     fn batch(&mut self, sql: &str) -> Result<(), DbError> {
         self.conn.execute_batch(sql).map_err(classify)
     }
+
+    fn control(&mut self, c: Control) -> Result<(), DbError> {
+        let statements: &[&str] = match c {
+            Control::BeginWrite => &["BEGIN IMMEDIATE"],
+            Control::Commit => &["COMMIT"],
+            Control::Rollback => &["ROLLBACK"],
+            Control::Savepoint => &["SAVEPOINT unit"],
+            Control::Release => &["RELEASE SAVEPOINT unit"],
+            Control::RollbackToSavepoint => {
+                &["ROLLBACK TO SAVEPOINT unit", "RELEASE SAVEPOINT unit"]
+            }
+        };
+        for sql in statements {
+            self.conn
+                .prepare_cached(sql)
+                .and_then(|mut s| s.raw_execute())
+                .map_err(classify)?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies committed pages from the WAL into the database file, on its own
+/// thread and connection, so that the writer's commits never pay for it.
+///
+/// It starts once the WAL holds `CHECKPOINT_FRAMES` frames, so that a page
+/// changed by many commits (a merchant's balance, the end of an index) is
+/// copied once rather than once per commit, and then loops until it has
+/// caught up: only a fully copied WAL lets the writer start again from its
+/// beginning, and overwriting WAL blocks costs a quarter of appending new ones
+/// (measured here on ext4: 0.9 µs against 3.9 µs a frame). Without that the
+/// WAL would only grow. PASSIVE checkpoints never block the writer or
+/// readers; with `synchronous = FULL` the database file is synced before the
+/// WAL is reused.
+pub(crate) struct Checkpointer {
+    kick: flume::Sender<()>,
+}
+
+/// WAL size (in frames, 16 MiB of 4 KiB pages) that starts a checkpoint.
+const CHECKPOINT_FRAMES: i32 = 4096;
+
+impl Checkpointer {
+    pub(crate) fn start(path: &Path) -> Result<Checkpointer, DbError> {
+        let conn = SqliteConn::open(path, Role::Checkpointer)?;
+        let (kick, rx) = flume::bounded::<()>(1);
+        std::thread::Builder::new()
+            .name("payrail-checkpoint".into())
+            .spawn(move || {
+                // Runs until the writer (the only sender) is gone.
+                while rx.recv().is_ok() {
+                    loop {
+                        match checkpoint(&conn.conn) {
+                            // Caught up (or nothing to do): wait for a commit.
+                            Ok((log, done)) if done >= log => break,
+                            Ok(_) => continue,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "WAL checkpoint failed");
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = checkpoint(&conn.conn);
+            })
+            .map_err(|e| DbError::other(format!("cannot start the checkpointer: {e}")))?;
+        Ok(Checkpointer { kick })
+    }
+
+    /// Watches the writer's commits: asks for a checkpoint when the WAL is
+    /// large enough (free if one is already pending).
+    pub(crate) fn watch(&self, writer: &mut SqliteConn) -> Result<(), DbError> {
+        let kick = self.kick.clone();
+        let mut last = 0;
+        writer
+            .conn
+            .wal_hook(Some(
+                move |_: &mut rusqlite::hooks::Wal, frames: std::ffi::c_int| {
+                    // Frames this commit wrote (the WAL restarts from 0 now and then).
+                    let written = if frames >= last {
+                        frames - last
+                    } else {
+                        frames
+                    };
+                    last = frames;
+                    metrics::histogram!("payrail_sqlite_wal_frames_per_commit")
+                        .record(f64::from(written));
+                    if frames >= CHECKPOINT_FRAMES {
+                        let _ = kick.try_send(());
+                    }
+                    Ok(())
+                },
+            ))
+            .map_err(classify)
+    }
+}
+
+/// One PASSIVE checkpoint: (frames in the WAL, frames copied).
+fn checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get(1)?, r.get(2)?))
+    })
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use payrail_core::{Clock, Timestamp};
 
 use crate::StoreError;
-use crate::conn::{Conn, DbError, DbErrorKind, Dialect};
+use crate::conn::{Conn, Control, DbError, DbErrorKind, Dialect};
 use crate::seal::Sealer;
 use crate::tx::{Deferred, Tx};
 
@@ -57,6 +57,9 @@ pub(crate) struct WriterConfig {
     pub connect: Connect,
     /// How long to keep trying to learn a lost COMMIT's outcome.
     pub outcome_wait: Duration,
+    /// SQLite: commits are not synced by the engine; this syncs the WAL and
+    /// answers callers afterwards (see [`crate::durable`]).
+    pub pipeline: Option<(crate::durable::Syncer, Arc<crate::durable::Watermarks>)>,
 }
 
 struct Queued {
@@ -100,6 +103,13 @@ pub(crate) fn run(conn: Option<Box<dyn Conn>>, rx: flume::Receiver<Msg>, cfg: Ar
         }
         let batch = std::mem::take(&mut carry);
         carry = w.run_batch(batch);
+    }
+    // Whoever closes the database last checkpoints it; make sure that
+    // checkpoint syncs even if it is this connection.
+    if let Some(c) = w.conn.as_mut()
+        && c.dialect() == Dialect::Sqlite
+    {
+        let _ = c.batch("PRAGMA synchronous = FULL");
     }
 }
 
@@ -180,13 +190,28 @@ impl Writer {
         let failure = match result {
             Ok((done, retry)) => {
                 metrics::counter!("payrail_ledger_commits_total").increment(1);
-                for (job, err) in done {
-                    job.finish(err.map_or(Ok(()), Err));
+                match &self.cfg.pipeline {
+                    Some((syncer, _)) => syncer.submit(crate::durable::Synced {
+                        seq: self.seq as u64,
+                        jobs: done,
+                    }),
+                    None => {
+                        for (job, err) in done {
+                            job.finish(err.map_or(Ok(()), Err));
+                        }
+                    }
                 }
                 return retry;
             }
             Err(f) => f,
         };
+        if let Some((syncer, _)) = &self.cfg.pipeline {
+            // Nothing of this batch is visible; keep the watermark moving, in order.
+            syncer.submit(crate::durable::Synced {
+                seq: self.seq as u64,
+                jobs: Vec::new(),
+            });
+        }
         if matches!(failure.error, StoreError::Unavailable(_)) {
             self.conn = None;
         }
@@ -298,11 +323,7 @@ impl Writer {
                 Ok(c) => c,
                 Err(e) => return Err(fail(e, batch)),
             };
-            let begin = match conn.dialect() {
-                Dialect::Sqlite => "BEGIN IMMEDIATE",
-                Dialect::Postgres => "BEGIN ISOLATION LEVEL READ COMMITTED",
-            };
-            match conn.batch(begin) {
+            match conn.control(Control::BeginWrite) {
                 Ok(()) => break,
                 Err(e) if e.kind == DbErrorKind::Unavailable && !fresh_tried => {
                     fresh_tried = true;
@@ -316,7 +337,7 @@ impl Writer {
         let mut now = match read_now(conn, &*cfg.clock, cfg.sandbox_clock) {
             Ok(t) => t,
             Err(e) => {
-                let _ = conn.batch("ROLLBACK");
+                let _ = conn.control(Control::Rollback);
                 return Err(fail(e, batch));
             }
         };
@@ -328,8 +349,8 @@ impl Writer {
         let mut rest = batch.into_iter();
 
         while let Some(mut q) = rest.next() {
-            if let Err(e) = conn.batch("SAVEPOINT unit") {
-                let _ = conn.batch("ROLLBACK");
+            if let Err(e) = conn.control(Control::Savepoint) {
+                let _ = conn.control(Control::Rollback);
                 return Err(BatchFailure {
                     error: e.into(),
                     units: committed.into_iter().chain(Some(q)).chain(rest).collect(),
@@ -347,12 +368,12 @@ impl Writer {
             };
             let keep = matches!(outcome, Ok(Outcome::Commit)) && !failed;
             let step = if keep {
-                conn.batch("RELEASE SAVEPOINT unit")
+                conn.control(Control::Release)
             } else {
-                conn.batch("ROLLBACK TO SAVEPOINT unit; RELEASE SAVEPOINT unit")
+                conn.control(Control::RollbackToSavepoint)
             };
             if let Err(e) = step {
-                let _ = conn.batch("ROLLBACK");
+                let _ = conn.control(Control::Rollback);
                 return Err(BatchFailure {
                     error: e.into(),
                     units: committed.into_iter().chain(Some(q)).chain(rest).collect(),
@@ -404,7 +425,7 @@ impl Writer {
                 .map_err(StoreError::from);
         }
         if let Err(e) = prepared {
-            let _ = conn.batch("ROLLBACK");
+            let _ = conn.control(Control::Rollback);
             return Err(BatchFailure {
                 error: e,
                 units: committed,
@@ -413,8 +434,11 @@ impl Writer {
                 during_commit: false,
             });
         }
-        if let Err(e) = conn.batch("COMMIT") {
-            let _ = conn.batch("ROLLBACK");
+        if let Some((_, marks)) = &cfg.pipeline {
+            marks.announce(seq as u64);
+        }
+        if let Err(e) = conn.control(Control::Commit) {
+            let _ = conn.control(Control::Rollback);
             // A refusal from the server means no commit; a broken connection
             // leaves it open.
             let during_commit =

@@ -626,7 +626,7 @@ impl Rail {
                 .filter(|c| wire::valid_ident(c, 32))
                 .map(str::to_string),
             aggregated_id: p.opt("aggregatedMerchantId").map(str::to_string),
-            txnid: format!("MBK_TXN_{}", ids::random_hex(16)),
+            txnid: format!("MBK_TXN_{}", ids::time_ordered_hex()),
             promotions: system.promotions,
             otp_max_failures: self.settings.otp_max_failures,
             msgcode: msgcode.clone(),
@@ -858,7 +858,7 @@ impl Rail {
             txid: txid.clone(),
             refundid: refundid.clone(),
             amount,
-            refid: format!("MBK_RFD_{}", ids::random_hex(16)),
+            refid: format!("MBK_RFD_{}", ids::time_ordered_hex()),
             promotions: system.promotions,
         };
         let answer = self.write(&head, move |tx| r.run(tx)).await;
@@ -966,7 +966,10 @@ impl Debit {
         }
         let net = self.amount.checked_sub(cashback).unwrap_or(Money::ZERO);
         // The wallet pays the amount less cashback, promotions pay the
-        // cashback, the merchant receives the full amount.
+        // cashback, the merchant receives the full amount. The transfers'
+        // idempotency keys follow the txnid: the order row above is what
+        // refuses a second debit of the orderid, and a time-ordered key keeps
+        // the transfers' key index appending instead of writing random pages.
         let legs = [
             ("debit", wallet.account, net),
             ("cashback", self.promotions, cashback),
@@ -977,7 +980,7 @@ impl Debit {
             }
             let req = ledger::single(
                 SCOPE,
-                format!("{leg}:{}:{}", self.mid, self.orderid),
+                format!("{leg}:{}", self.txnid),
                 from,
                 self.merchant_account,
                 CURRENCY,

@@ -1,0 +1,402 @@
+//! `payrail bench`: the load harness.
+//!
+//! Starts a server (or targets one by URL), creates W wallets and W tokens
+//! through the admin API, then, for each connection count, drives `/healthz`
+//! (the ceiling of the HTTP stack on this machine) and signed `/debitwallet`
+//! requests with unique orderids over C keep-alive connections, and reports
+//! throughput, latency percentiles and failures as a table, JSON and an SVG
+//! chart.
+
+mod load;
+mod report;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use futures::StreamExt;
+use payrail_mobikwik::{checksum, fixtures};
+
+use load::Workload;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// 10,000 wallets, debits spread over all of them.
+    Spread,
+    /// Every debit on one wallet.
+    Hot,
+    /// 1,000,000 wallets.
+    Large,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Target a running server (in sandbox mode) instead of starting one.
+    #[arg(long)]
+    url: Option<String>,
+    #[arg(long, value_enum, default_value = "spread")]
+    mode: Mode,
+    /// Wallets (overrides the mode's count).
+    #[arg(long)]
+    wallets: Option<usize>,
+    /// Connection counts, comma-separated; several make a sweep (and a chart).
+    #[arg(long, default_value = "64", value_delimiter = ',')]
+    connections: Vec<usize>,
+    /// Seconds of debits per connection count.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Seconds of /healthz per connection count.
+    #[arg(long, default_value_t = 15)]
+    healthz_duration: u64,
+    /// Seconds of unmeasured debits before measuring.
+    #[arg(long, default_value_t = 3)]
+    warmup: u64,
+    /// Load generator threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Database for the server the harness starts [default: a temporary SQLite file].
+    #[arg(long)]
+    db: Option<String>,
+    /// Admin token of the target server.
+    #[arg(
+        long,
+        env = "PAYRAIL_ADMIN_TOKEN",
+        default_value = "sandbox-admin-token",
+        hide_env_values = true
+    )]
+    admin_token: String,
+    /// Write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write a chart of throughput and p99 across connection counts.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+/// A server the harness started, as a child process.
+struct OwnServer {
+    child: Child,
+    base: String,
+    args: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl OwnServer {
+    fn start(
+        args: Vec<String>,
+        tmp: Option<tempfile::TempDir>,
+    ) -> Result<(OwnServer, Duration), String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let mut child = Command::new(exe)
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start the server: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let base = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(url) = line.strip_prefix("payrail listening on ") {
+                        break url.to_string();
+                    }
+                }
+                _ => return Err("the server exited before listening".into()),
+            }
+        };
+        let startup = started.elapsed();
+        std::thread::spawn(move || for _ in lines {});
+        Ok((
+            OwnServer {
+                child,
+                base,
+                args,
+                _tmp: tmp,
+            },
+            startup,
+        ))
+    }
+
+    /// Peak resident memory so far, MiB (Linux `VmHWM`).
+    fn peak_rss_mib(&self) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kb: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kb / 1024.0)
+    }
+
+    fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Stops and starts again on the same database; returns the start-up time.
+    fn restart(&mut self) -> Result<Duration, String> {
+        self.stop();
+        let tmp = self._tmp.take();
+        let (fresh, startup) = OwnServer::start(self.args.clone(), tmp)?;
+        *self = fresh;
+        Ok(startup)
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Signed `/debitwallet` requests with unique orderids, spread over wallets.
+struct DebitLoad {
+    host: String,
+    run: u32,
+    /// Bumped before every run: part of each orderid.
+    epoch: std::sync::atomic::AtomicU32,
+    wallets: Vec<(String, String)>,
+    secret: &'static [u8],
+}
+
+impl Workload for DebitLoad {
+    fn begin(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn request(&self, conn: usize, n: u64, out: &mut Vec<u8>) {
+        // Different connections walk the wallets at different strides, so
+        // concurrent debits rarely meet on one wallet unless there is one.
+        let i = (conn as u64 * 7919 + n * 104_729) as usize % self.wallets.len();
+        let (cell, token) = &self.wallets[i];
+        let epoch = self.epoch.load(std::sync::atomic::Ordering::Relaxed);
+        let orderid = format!("B{:05x}E{epoch:02}C{conn:03}N{n:010}", self.run);
+        let (amount, merchantname, mid, msgcode, txntype) = (
+            "1.00",
+            fixtures::MERCHANT_NAME,
+            fixtures::MID,
+            "504",
+            "debit",
+        );
+        let sum = checksum::sign(
+            self.secret,
+            [
+                amount,
+                cell.as_str(),
+                "",
+                merchantname,
+                mid,
+                msgcode,
+                &orderid,
+                token.as_str(),
+                txntype,
+            ],
+        );
+        use std::io::Write;
+        let _ = write!(
+            out,
+            "GET /debitwallet?mid={mid}&cell={cell}&amount={amount}&orderid={orderid}&token={token}&merchantname={merchantname}&msgcode={msgcode}&txntype={txntype}&checksum={sum} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            self.host
+        );
+    }
+
+    fn ok(&self, body: &[u8]) -> bool {
+        body.windows(16).any(|w| w == b"\"statuscode\":\"0\"")
+    }
+}
+
+fn addr_of(base: &str) -> Result<(SocketAddr, String), String> {
+    let host = base
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("only http:// URLs: {base}"))?
+        .trim_end_matches('/')
+        .to_string();
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&host)
+        .map_err(|e| format!("{host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host}: no address"))?;
+    Ok((addr, host))
+}
+
+/// Creates the wallets and a token for each, through the admin API.
+async fn setup(
+    base: &str,
+    token: &str,
+    wallets: usize,
+    balance: &str,
+) -> Result<Vec<(String, String)>, String> {
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let results: Vec<Result<(String, String), String>> = futures::stream::iter(0..wallets)
+        .map(|i| {
+            let http = http.clone();
+            let cell = format!("7{i:09}");
+            async move {
+                let post = |path: String, body: serde_json::Value| {
+                    http.post(format!("{base}/admin/v1{path}"))
+                        .bearer_auth(token)
+                        .json(&body)
+                        .send()
+                };
+                let r = post(
+                    "/wallets".into(),
+                    serde_json::json!({ "cell": cell, "balance": balance }),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                if !r.status().is_success() {
+                    return Err(format!(
+                        "creating wallet {cell}: {}",
+                        r.text().await.unwrap_or_default()
+                    ));
+                }
+                let r = post(
+                    "/mobikwik/tokens".into(),
+                    serde_json::json!({ "mid": fixtures::MID, "cell": cell, "amount": "1000.00" }),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                let v: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
+                let t = v["token"]
+                    .as_str()
+                    .ok_or_else(|| format!("no token for {cell}: {v}"))?;
+                Ok((cell, t.to_string()))
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let out = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    eprintln!(
+        "set up {wallets} wallets and tokens in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(out)
+}
+
+pub async fn run(args: BenchArgs) -> Result<bool, String> {
+    let wallets = args.wallets.unwrap_or(match args.mode {
+        Mode::Spread => 10_000,
+        Mode::Hot => 1,
+        Mode::Large => 1_000_000,
+    });
+    // Enough for every debit of the run at 1.00 each.
+    let balance = if wallets == 1 {
+        "9999999999.99"
+    } else {
+        "10000000.00"
+    };
+    let mut own = None;
+    let base = match &args.url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => {
+            let (db, tmp) = match &args.db {
+                Some(db) => (db.clone(), None),
+                None => {
+                    let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
+                    (
+                        format!("sqlite://{}", tmp.path().join("bench.db").display()),
+                        Some(tmp),
+                    )
+                }
+            };
+            let server_args = ["serve", "--sandbox", "--listen", "127.0.0.1:0", "--db", &db]
+                .map(String::from)
+                .to_vec();
+            let (s, _) = OwnServer::start(server_args, tmp)?;
+            let base = s.base.clone();
+            own = Some(s);
+            base
+        }
+    };
+    let wallet_list = setup(&base, &args.admin_token, wallets, balance).await?;
+    // Start-up time on the database just filled, by restarting the server.
+    let mut startup_ms = None;
+    let base = match own.as_mut() {
+        Some(s) => {
+            startup_ms = Some(s.restart()?.as_secs_f64() * 1000.0);
+            s.base.clone()
+        }
+        None => base,
+    };
+    let (addr, host) = addr_of(&base)?;
+
+    let load_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let debit = Arc::new(DebitLoad {
+        host: host.clone(),
+        run: rand::random::<u32>() & 0xfffff,
+        epoch: Default::default(),
+        wallets: wallet_list,
+        secret: fixtures::SECRET.as_bytes(),
+    });
+    let healthz = Arc::new(load::Healthz { host });
+    let mut rows = Vec::new();
+    for &c in &args.connections {
+        let (h, d) = {
+            let (debit, healthz) = (Arc::clone(&debit), Arc::clone(&healthz));
+            let (hd, dd, wu) = (args.healthz_duration, args.duration, args.warmup);
+            load_rt
+                .spawn(async move {
+                    let h = load::run(addr, healthz, c, Duration::from_secs(hd)).await;
+                    if wu > 0 {
+                        load::run(addr, Arc::clone(&debit), c, Duration::from_secs(wu)).await;
+                    }
+                    let d = load::run(addr, debit, c, Duration::from_secs(dd)).await;
+                    (h, d)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        let row = report::Row {
+            connections: c,
+            healthz: load::summarize(h.0, h.1),
+            debit: load::summarize(d.0, d.1),
+        };
+        report::print_row(&row);
+        rows.push(row);
+    }
+    let peak_rss_mib = own.as_ref().and_then(OwnServer::peak_rss_mib);
+    let result = report::Report {
+        mode: args.mode,
+        wallets,
+        duration_s: args.duration,
+        threads: args.threads,
+        target: if own.is_some() {
+            "own server".into()
+        } else {
+            base.clone()
+        },
+        startup_ms,
+        peak_rss_mib,
+        rows,
+    };
+    report::print_table(&result);
+    if let Some(path) = &args.json {
+        std::fs::write(path, report::json(&result))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, report::svg(&result))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    load_rt.shutdown_background();
+    Ok(result.rows.iter().all(|r| r.debit.errors == 0))
+}
