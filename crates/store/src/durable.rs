@@ -88,7 +88,11 @@ fn run(wal: &std::path::Path, rx: &flume::Receiver<Synced>, marks: &Watermarks) 
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        if let Err(e) = sync(wal, &mut file) {
+        let started = std::time::Instant::now();
+        let synced = sync(wal, &mut file);
+        metrics::histogram!("payrail_sqlite_fsync_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("payrail_sqlite_batches_per_fsync").record(batch.len() as f64);
+        if let Err(e) = synced {
             // After a failed fsync the kernel may have dropped the dirty pages:
             // what SQLite believes committed may not be on disk. The only safe
             // course is PostgreSQL's: stop, and recover from the WAL on restart.

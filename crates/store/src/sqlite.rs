@@ -46,9 +46,9 @@ impl SqliteConn {
             Role::Reader => conn.execute_batch("PRAGMA query_only = ON;"),
             // Checkpoints run on their own thread (see `Checkpointer`), not
             // inside the writer's commits.
-            // After a burst, the WAL file is cut back to 64 MiB when it restarts.
+            // After a burst, the WAL file is cut back to 128 MiB when it restarts.
             Role::Writer => conn.execute_batch(
-                "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;",
+                "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 134217728;",
             ),
             Role::Checkpointer => Ok(()),
         }
@@ -176,8 +176,8 @@ pub(crate) struct Checkpointer {
     kick: flume::Sender<()>,
 }
 
-/// WAL size (in frames, 16 MiB of 4 KiB pages) that starts a checkpoint.
-const CHECKPOINT_FRAMES: i32 = 4096;
+/// WAL size (in frames, 64 MiB of 4 KiB pages) that starts a checkpoint.
+const CHECKPOINT_FRAMES: i32 = 16384;
 
 impl Checkpointer {
     pub(crate) fn start(path: &Path) -> Result<Checkpointer, DbError> {

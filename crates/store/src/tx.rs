@@ -31,6 +31,15 @@ pub struct Tx<'a> {
     pub(crate) failed: bool,
     /// The error was a deadlock or lock timeout: run the unit again later.
     pub(crate) retry: bool,
+    /// A statement that changes data ran (whatever its result).
+    pub(crate) wrote: bool,
+}
+
+/// Does `sql` change data? (Every query starts with its verb.)
+fn writes(sql: &str) -> bool {
+    let verb = sql.trim_start().as_bytes();
+    let starts = |w: &[u8]| verb.len() >= w.len() && verb[..w.len()].eq_ignore_ascii_case(w);
+    starts(b"INSERT") || starts(b"UPDATE") || starts(b"DELETE")
 }
 
 impl<'a> Tx<'a> {
@@ -50,6 +59,7 @@ impl<'a> Tx<'a> {
             writable,
             failed: false,
             retry: false,
+            wrote: false,
         }
     }
 
@@ -84,6 +94,7 @@ impl<'a> Tx<'a> {
         sql: &'static str,
         params: &[Param<'_>],
     ) -> Result<u64, StoreError> {
+        self.wrote |= writes(sql);
         match self.conn.execute(sql, params) {
             Ok(n) => Ok(n),
             Err(e) => Err(self.note(e)),
@@ -95,6 +106,7 @@ impl<'a> Tx<'a> {
         sql: &'static str,
         params: &[Param<'_>],
     ) -> Result<Vec<Row>, StoreError> {
+        self.wrote |= writes(sql);
         match self.conn.query(sql, params) {
             Ok(rows) => Ok(rows),
             Err(e) => Err(self.note(e)),

@@ -125,6 +125,9 @@ struct BatchFailure {
     settled: Vec<(Box<dyn Job>, Option<StoreError>)>,
     /// The error came while `COMMIT` was in flight.
     during_commit: bool,
+    /// A unit ran without a savepoint and failed after writing: nothing was
+    /// committed, and the batch must run again with savepoints.
+    redo_with_savepoints: bool,
 }
 
 struct Writer {
@@ -184,7 +187,17 @@ impl Writer {
         let started = Instant::now();
         let size = batch.len();
         self.seq += 1;
-        let result = self.try_batch(batch);
+        let result = match self.try_batch(batch, false) {
+            Err(f) if f.redo_with_savepoints => {
+                let units = f.units.into_iter().chain(f.retry);
+                let settled = f
+                    .settled
+                    .into_iter()
+                    .map(|(job, _)| Queued { job, attempts: 0 });
+                self.try_batch(units.chain(settled).collect(), true)
+            }
+            other => other,
+        };
         metrics::histogram!("payrail_group_commit_batch_size").record(size as f64);
         metrics::histogram!("payrail_group_commit_seconds").record(started.elapsed().as_secs_f64());
         let failure = match result {
@@ -304,6 +317,7 @@ impl Writer {
     fn try_batch(
         &mut self,
         batch: Vec<Queued>,
+        safe: bool,
     ) -> Result<(Vec<(Box<dyn Job>, Option<StoreError>)>, Vec<Queued>), BatchFailure> {
         let fail = |error: StoreError, units: Vec<Queued>| BatchFailure {
             error,
@@ -311,6 +325,7 @@ impl Writer {
             retry: Vec::new(),
             settled: Vec::new(),
             during_commit: false,
+            redo_with_savepoints: false,
         };
         let cfg = Arc::clone(&self.cfg);
         let (id, seq) = (self.id, self.seq);
@@ -347,9 +362,15 @@ impl Writer {
         let mut settled: Vec<(Box<dyn Job>, Option<StoreError>)> = Vec::new();
         let mut retry: Vec<Queued> = Vec::new();
         let mut rest = batch.into_iter();
+        // Each unit runs in a savepoint, so that a failing one is undone
+        // alone; except on SQLite, where the single writer lets units check
+        // before they write, and the savepoints (and the copies of every page
+        // they touch) are skipped. A unit that fails after writing there makes
+        // the batch run again, this time with savepoints.
+        let savepoints = safe || conn.dialect() == Dialect::Postgres;
 
         while let Some(mut q) = rest.next() {
-            if let Err(e) = conn.control(Control::Savepoint) {
+            if savepoints && let Err(e) = conn.control(Control::Savepoint) {
                 let _ = conn.control(Control::Rollback);
                 return Err(BatchFailure {
                     error: e.into(),
@@ -357,20 +378,32 @@ impl Writer {
                     retry,
                     settled,
                     during_commit: false,
+                    redo_with_savepoints: false,
                 });
             }
-            let (outcome, failed, wants_retry, job_deferred) = {
+            let (outcome, failed, wants_retry, wrote, job_deferred) = {
                 let mut tx = Tx::new(conn, now, &cfg.sealer, &deferred, true);
                 let outcome = catch_unwind(AssertUnwindSafe(|| q.job.run(&mut tx)));
                 now = tx.now();
                 let d = tx.take_deferred();
-                (outcome, tx.failed, tx.retry, d)
+                (outcome, tx.failed, tx.retry, tx.wrote, d)
             };
             let keep = matches!(outcome, Ok(Outcome::Commit)) && !failed;
-            let step = if keep {
-                conn.control(Control::Release)
-            } else {
-                conn.control(Control::RollbackToSavepoint)
+            if !savepoints && !keep && wrote {
+                let _ = conn.control(Control::Rollback);
+                return Err(BatchFailure {
+                    error: StoreError::Internal("a unit failed after writing".into()),
+                    units: committed.into_iter().chain(Some(q)).chain(rest).collect(),
+                    retry,
+                    settled,
+                    during_commit: false,
+                    redo_with_savepoints: true,
+                });
+            }
+            let step = match (savepoints, keep) {
+                (false, _) => Ok(()),
+                (true, true) => conn.control(Control::Release),
+                (true, false) => conn.control(Control::RollbackToSavepoint),
             };
             if let Err(e) = step {
                 let _ = conn.control(Control::Rollback);
@@ -380,6 +413,7 @@ impl Writer {
                     retry,
                     settled,
                     during_commit: false,
+                    redo_with_savepoints: false,
                 });
             }
             if keep {
@@ -432,6 +466,7 @@ impl Writer {
                 retry,
                 settled,
                 during_commit: false,
+                redo_with_savepoints: false,
             });
         }
         if let Some((_, marks)) = &cfg.pipeline {
@@ -449,6 +484,7 @@ impl Writer {
                 retry,
                 settled,
                 during_commit,
+                redo_with_savepoints: false,
             });
         }
         settled.extend(committed.into_iter().map(|q| (q.job, None)));

@@ -377,3 +377,65 @@ async fn a_panicking_unit_is_rolled_back_alone() {
     assert_eq!(v.transfers, 1);
     store.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn units_that_refuse_after_writing_leave_nothing_and_spoil_no_batch() {
+    let t = common::open().await;
+    let store = t.store.clone();
+    let a: [AccountId; 3] = accounts(&store, 3).await.try_into().unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .write(move |tx| {
+                    ledger::transfer(
+                        tx,
+                        &ledger::single(
+                            "test",
+                            format!("t{i}"),
+                            a[0],
+                            a[1 + i % 2],
+                            Currency::INR,
+                            Money::from_minor(1),
+                        ),
+                    )?;
+                    // Every third unit changes its mind after writing.
+                    if i % 3 == 0 {
+                        return Err(LedgerOpError::Rejected(LedgerError::Invalid(
+                            "changed its mind",
+                        )));
+                    }
+                    Ok(i)
+                })
+                .await
+        }));
+    }
+    let mut kept = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(n) => {
+                assert_eq!(n, i);
+                assert_ne!(i % 3, 0);
+                kept += 1;
+            }
+            Err(LedgerOpError::Rejected(LedgerError::Invalid(_))) => assert_eq!(i % 3, 0),
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    let (v, refused_left) = store
+        .read(|tx| {
+            let mut left = 0;
+            for i in (0..200).step_by(3) {
+                left +=
+                    usize::from(ledger::transfer_by_key(tx, "test", &format!("t{i}"))?.is_some());
+            }
+            Ok::<_, StoreError>((ledger::verify(tx)?, left))
+        })
+        .await
+        .unwrap();
+    assert_eq!(refused_left, 0, "a refused unit's transfer survived");
+    assert_eq!(v.transfers, kept as i64);
+    assert!(v.ok(), "{:?}", v.problems);
+    store.close().await;
+}

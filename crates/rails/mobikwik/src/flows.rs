@@ -945,6 +945,23 @@ impl Debit {
                 .map_or(Money::ZERO, |p| self.amount.percent_floor(p)),
             None => Money::ZERO,
         };
+        // 304, then 301, are decided before anything is written: a refusal
+        // that writes nothing costs the batch nothing (see the store's
+        // writer). Between nodes on PostgreSQL the insert and the transfer
+        // below still refuse a race.
+        if db::order(tx, &self.mid, &self.orderid)?.is_some() {
+            return refuse(Code::DuplicateOrder);
+        }
+        let net = self.amount.checked_sub(cashback).unwrap_or(Money::ZERO);
+        if net.is_positive() {
+            let available = ledger::account(tx, wallet.account)?
+                .ok_or_else(|| StoreError::Internal("wallet account missing".into()))?
+                .balances
+                .available();
+            if available < net {
+                return refuse(Code::InsufficientBalance);
+            }
+        }
         let inserted = db::insert_order(
             tx,
             &OrderRow {
@@ -964,7 +981,6 @@ impl Debit {
         if !inserted {
             return refuse(Code::DuplicateOrder);
         }
-        let net = self.amount.checked_sub(cashback).unwrap_or(Money::ZERO);
         // The wallet pays the amount less cashback, promotions pay the
         // cashback, the merchant receives the full amount. The transfers'
         // idempotency keys follow the txnid: the order row above is what
