@@ -59,6 +59,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Database for the server the harness starts [default: a temporary SQLite file].
+    /// The wallets' tokens are kept beside a SQLite database and reused by
+    /// later runs on it, which skips the set-up.
     #[arg(long)]
     db: Option<String>,
     /// Admin token of the target server.
@@ -323,7 +325,41 @@ pub async fn run(args: BenchArgs) -> Result<bool, String> {
             base
         }
     };
-    let wallet_list = setup(&base, &args.admin_token, wallets, balance).await?;
+    // Tokens of an earlier run on the same SQLite database, if any.
+    let token_file = args
+        .db
+        .as_deref()
+        .and_then(|db| db.strip_prefix("sqlite://"))
+        .map(|path| PathBuf::from(format!("{path}.bench-tokens")));
+    let cached: Option<Vec<(String, String)>> = token_file
+        .as_ref()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| {
+                    l.split_once(' ')
+                        .map(|(c, t)| (c.to_string(), t.to_string()))
+                })
+                .collect()
+        })
+        .filter(|list: &Vec<(String, String)>| list.len() == wallets);
+    let wallet_list = match cached {
+        Some(list) => {
+            eprintln!(
+                "reusing {} wallets and tokens from an earlier run",
+                list.len()
+            );
+            list
+        }
+        None => {
+            let list = setup(&base, &args.admin_token, wallets, balance).await?;
+            if let Some(f) = &token_file {
+                let text: String = list.iter().map(|(c, t)| format!("{c} {t}\n")).collect();
+                let _ = std::fs::write(f, text);
+            }
+            list
+        }
+    };
     // Start-up time on the database just filled, by restarting the server.
     let mut startup_ms = None;
     let base = match own.as_mut() {
