@@ -128,7 +128,8 @@ async fn readyz(State(store): State<Store>) -> impl IntoResponse {
     }
 }
 
-/// Voids reservations as they expire, once a second.
+/// Once a second: voids reservations as they expire, and folds accounts'
+/// delta rows into the accounts (PostgreSQL).
 fn spawn_expiry_sweeper(store: Store) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -137,6 +138,9 @@ fn spawn_expiry_sweeper(store: Store) {
             tick.tick().await;
             if let Err(e) = store.write(|tx| ledger::expire_due(tx, 1_000)).await {
                 tracing::warn!(error = ?e, "expiry sweep failed");
+            }
+            if let Err(e) = store.write(|tx| ledger::fold_deltas(tx, 1_000)).await {
+                tracing::warn!(error = ?e, "folding account deltas failed");
             }
         }
     });

@@ -183,8 +183,9 @@ pub enum Control {
     Commit,
     Rollback,
     Savepoint,
-    Release,
-    /// Undo everything since the savepoint, and release it.
+    /// Keep what was done since the savepoint and set a new one, in one go.
+    ReleaseAndSavepoint,
+    /// Undo everything since the savepoint; the savepoint stays set.
     RollbackToSavepoint,
 }
 

@@ -56,11 +56,37 @@ impl From<crate::conn::DbError> for LedgerOpError {
 }
 
 /// `SELECT` of every account column, in the order `account_from_row` reads.
+/// `SELECT` of every account column, in the order `account_from_row` reads,
+/// with the account's delta rows added to its totals (see `account_deltas`).
 macro_rules! select_account {
     ($where:literal) => {
         concat!(
-            "SELECT id, code, currency, flags, debits_pending, debits_posted, credits_pending, credits_posted FROM accounts ",
+            "SELECT a.id, a.code, a.currency, a.flags, ",
+            "CAST(a.debits_pending + COALESCE((SELECT SUM(d.debits_pending) FROM account_deltas d WHERE d.account_id = a.id), 0) AS BIGINT), ",
+            "CAST(a.debits_posted + COALESCE((SELECT SUM(d.debits_posted) FROM account_deltas d WHERE d.account_id = a.id), 0) AS BIGINT), ",
+            "CAST(a.credits_pending + COALESCE((SELECT SUM(d.credits_pending) FROM account_deltas d WHERE d.account_id = a.id), 0) AS BIGINT), ",
+            "CAST(a.credits_posted + COALESCE((SELECT SUM(d.credits_posted) FROM account_deltas d WHERE d.account_id = a.id), 0) AS BIGINT) ",
+            "FROM accounts a ",
             $where
+        )
+    };
+}
+
+/// Every account's totals including its delta rows, as `totals`, for verify.
+macro_rules! with_totals {
+    ($query:literal) => {
+        concat!(
+            "WITH totals AS (
+                 SELECT a.id, a.code, a.currency, a.flags,
+                        CAST(a.debits_pending + COALESCE(SUM(d.debits_pending), 0) AS BIGINT) AS debits_pending,
+                        CAST(a.debits_posted + COALESCE(SUM(d.debits_posted), 0) AS BIGINT) AS debits_posted,
+                        CAST(a.credits_pending + COALESCE(SUM(d.credits_pending), 0) AS BIGINT) AS credits_pending,
+                        CAST(a.credits_posted + COALESCE(SUM(d.credits_posted), 0) AS BIGINT) AS credits_posted
+                   FROM accounts a LEFT JOIN account_deltas d ON d.account_id = a.id
+                  GROUP BY a.id, a.code, a.currency, a.flags,
+                           a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted
+             ) ",
+            $query
         )
     };
 }
@@ -129,14 +155,14 @@ pub fn open_account(
 }
 
 pub fn account(tx: &mut Tx<'_>, id: AccountId) -> Result<Option<Account>, StoreError> {
-    match tx.query_opt(select_account!("WHERE id = ?1"), &[id.0.into()])? {
+    match tx.query_opt(select_account!("WHERE a.id = ?1"), &[id.0.into()])? {
         Some(row) => Ok(Some(account_from_row(tx, &row)?)),
         None => Ok(None),
     }
 }
 
 pub fn account_by_code(tx: &mut Tx<'_>, code: &str) -> Result<Option<Account>, StoreError> {
-    match tx.query_opt(select_account!("WHERE code = ?1"), &[code.into()])? {
+    match tx.query_opt(select_account!("WHERE a.code = ?1"), &[code.into()])? {
         Some(row) => Ok(Some(account_from_row(tx, &row)?)),
         None => Ok(None),
     }
@@ -258,13 +284,19 @@ fn apply_delta(tx: &mut Tx<'_>, account: AccountId, delta: Delta) -> Result<bool
         return Ok(true);
     }
     // Queued credits to this account count: they commit with this change.
+    // So do committed delta rows; one committed after this statement began
+    // is missed, which can only refuse a debit that would have fitted.
     let floor = tx.deferred(account).available_change() + delta.available_change();
     let changed = tx.execute(
         "UPDATE accounts
             SET debits_pending = debits_pending + ?2, debits_posted = debits_posted + ?3,
                 credits_pending = credits_pending + ?4, credits_posted = credits_posted + ?5
           WHERE id = ?1
-            AND ((flags & 1) = 0 OR credits_posted - debits_posted - debits_pending + ?6 >= 0)",
+            AND ((flags & 1) = 0
+                 OR credits_posted - debits_posted - debits_pending
+                    + CAST(COALESCE((SELECT SUM(d.credits_posted - d.debits_posted - d.debits_pending)
+                                       FROM account_deltas d WHERE d.account_id = ?1), 0) AS BIGINT)
+                    + ?6 >= 0)",
         &[
             account.0.into(),
             delta.debits_pending.into(),
@@ -505,26 +537,47 @@ pub fn expire_due(tx: &mut Tx<'_>, limit: i64) -> Result<usize, StoreError> {
     Ok(expired)
 }
 
-/// Applies the batch's queued changes, in account order so that two batches
-/// (on two PostgreSQL nodes) can never wait on each other's rows in a cycle.
-pub(crate) fn apply_deferred(tx: &mut Tx<'_>, deferred: &Deferred) -> Result<(), StoreError> {
+/// Applies the batch's queued changes.
+///
+/// With a single writer (SQLite) they go straight into the account rows.
+/// With several (`writer` given: PostgreSQL), each writer adds them to its own
+/// delta row per account, so no two writers, on any nodes, ever wait for the
+/// same row here. Accounts are taken in order either way.
+pub(crate) fn apply_deferred(
+    tx: &mut Tx<'_>,
+    deferred: &Deferred,
+    writer: Option<i64>,
+) -> Result<(), StoreError> {
     for (account, d) in deferred {
         if d.is_zero() {
             continue;
         }
-        let changed = tx.execute(
-            "UPDATE accounts
-                SET debits_pending = debits_pending + ?2, debits_posted = debits_posted + ?3,
-                    credits_pending = credits_pending + ?4, credits_posted = credits_posted + ?5
-              WHERE id = ?1",
-            &[
-                account.0.into(),
-                d.debits_pending.into(),
-                d.debits_posted.into(),
-                d.credits_pending.into(),
-                d.credits_posted.into(),
-            ],
-        )?;
+        let values = [
+            account.0.into(),
+            d.debits_pending.into(),
+            d.debits_posted.into(),
+            d.credits_pending.into(),
+            d.credits_posted.into(),
+        ];
+        let changed = match writer {
+            None => tx.execute(
+                "UPDATE accounts
+                    SET debits_pending = debits_pending + ?2, debits_posted = debits_posted + ?3,
+                        credits_pending = credits_pending + ?4, credits_posted = credits_posted + ?5
+                  WHERE id = ?1",
+                &values,
+            )?,
+            Some(w) => tx.execute(
+                "INSERT INTO account_deltas (account_id, debits_pending, debits_posted, credits_pending, credits_posted, writer_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (account_id, writer_id) DO UPDATE
+                    SET debits_pending = account_deltas.debits_pending + excluded.debits_pending,
+                        debits_posted = account_deltas.debits_posted + excluded.debits_posted,
+                        credits_pending = account_deltas.credits_pending + excluded.credits_pending,
+                        credits_posted = account_deltas.credits_posted + excluded.credits_posted",
+                &[values[0], values[1], values[2], values[3], values[4], w.into()],
+            )?,
+        };
         if changed != 1 {
             return Err(StoreError::Internal(format!(
                 "queued change for missing {account}"
@@ -532,6 +585,64 @@ pub(crate) fn apply_deferred(tx: &mut Tx<'_>, deferred: &Deferred) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Folds delta rows into their accounts' rows, up to `limit` accounts;
+/// returns how many. Only where there are several writers (PostgreSQL).
+///
+/// Never waits: an account row or delta row locked by a writer is skipped and
+/// folded another time, so folding can neither deadlock with writers nor
+/// slow them beyond one short row lock per account.
+pub fn fold_deltas(tx: &mut Tx<'_>, limit: i64) -> Result<usize, StoreError> {
+    if tx.serialized() {
+        return Ok(0);
+    }
+    let candidates = tx.query(
+        "SELECT DISTINCT account_id FROM account_deltas ORDER BY account_id LIMIT ?1",
+        &[limit.into()],
+    )?;
+    let mut folded = 0;
+    for row in candidates {
+        let account = row.int(0)?;
+        if tx
+            .query_opt(
+                "SELECT id FROM accounts WHERE id = ?1 FOR UPDATE SKIP LOCKED",
+                &[account.into()],
+            )?
+            .is_none()
+        {
+            continue;
+        }
+        let moved = tx.query(
+            "WITH free AS (
+                 SELECT writer_id FROM account_deltas WHERE account_id = ?1 FOR UPDATE SKIP LOCKED
+             ), gone AS (
+                 DELETE FROM account_deltas d USING free f
+                  WHERE d.account_id = ?1 AND d.writer_id = f.writer_id
+                 RETURNING d.debits_pending, d.debits_posted, d.credits_pending, d.credits_posted
+             )
+             SELECT CAST(COALESCE(SUM(debits_pending), 0) AS BIGINT), CAST(COALESCE(SUM(debits_posted), 0) AS BIGINT),
+                    CAST(COALESCE(SUM(credits_pending), 0) AS BIGINT), CAST(COALESCE(SUM(credits_posted), 0) AS BIGINT)
+               FROM gone",
+            &[account.into()],
+        )?;
+        let Some(m) = moved.first() else { continue };
+        tx.execute(
+            "UPDATE accounts
+                SET debits_pending = debits_pending + ?2, debits_posted = debits_posted + ?3,
+                    credits_pending = credits_pending + ?4, credits_posted = credits_posted + ?5
+              WHERE id = ?1",
+            &[
+                account.into(),
+                m.int(0)?.into(),
+                m.int(1)?.into(),
+                m.int(2)?.into(),
+                m.int(3)?.into(),
+            ],
+        )?;
+        folded += 1;
+    }
+    Ok(folded)
 }
 
 /// The result of checking the ledger against its own rules.
@@ -557,10 +668,12 @@ pub fn verify(tx: &mut Tx<'_>) -> Result<Verification, StoreError> {
     let mut problems = Vec::new();
     let mut accounts = 0;
     for row in tx.query(
-        "SELECT currency, COUNT(*),
-                CAST(COALESCE(SUM(credits_posted - debits_posted), 0) AS BIGINT),
-                CAST(COALESCE(SUM(credits_pending - debits_pending), 0) AS BIGINT)
-           FROM accounts GROUP BY currency ORDER BY currency",
+        with_totals!(
+            "SELECT currency, COUNT(*),
+                    CAST(COALESCE(SUM(credits_posted - debits_posted), 0) AS BIGINT),
+                    CAST(COALESCE(SUM(credits_pending - debits_pending), 0) AS BIGINT)
+               FROM totals GROUP BY currency ORDER BY currency"
+        ),
         &[],
     )? {
         let (currency, n, posted, pending) = (row.text(0)?, row.int(1)?, row.int(2)?, row.int(3)?);
@@ -578,7 +691,8 @@ pub fn verify(tx: &mut Tx<'_>) -> Result<Verification, StoreError> {
     }
 
     for row in tx.query(
-        "WITH legs AS (
+        with_totals!(
+        ", legs AS (
              SELECT debit_account AS account,
                     CASE WHEN kind IN (0, 2) THEN amount ELSE 0 END AS dpost,
                     CASE WHEN kind = 1 AND state = 0 THEN amount ELSE 0 END AS dpend,
@@ -597,10 +711,11 @@ pub fn verify(tx: &mut Tx<'_>) -> Result<Verification, StoreError> {
          SELECT a.code, a.debits_posted, a.debits_pending, a.credits_posted, a.credits_pending,
                 CAST(COALESCE(s.dpost, 0) AS BIGINT), CAST(COALESCE(s.dpend, 0) AS BIGINT),
                 CAST(COALESCE(s.cpost, 0) AS BIGINT), CAST(COALESCE(s.cpend, 0) AS BIGINT)
-           FROM accounts a LEFT JOIN sums s ON s.account = a.id
+           FROM totals a LEFT JOIN sums s ON s.account = a.id
           WHERE a.debits_posted <> COALESCE(s.dpost, 0) OR a.debits_pending <> COALESCE(s.dpend, 0)
              OR a.credits_posted <> COALESCE(s.cpost, 0) OR a.credits_pending <> COALESCE(s.cpend, 0)
-          ORDER BY a.id LIMIT 100",
+          ORDER BY a.id LIMIT 100"
+        ),
         &[],
     )? {
         problems.push(format!(
@@ -618,9 +733,11 @@ pub fn verify(tx: &mut Tx<'_>) -> Result<Verification, StoreError> {
     }
 
     for row in tx.query(
-        "SELECT code, credits_posted - debits_posted - debits_pending FROM accounts
-          WHERE (flags & 1) = 1 AND credits_posted - debits_posted - debits_pending < 0
-          ORDER BY id LIMIT 100",
+        with_totals!(
+            "SELECT code, CAST(credits_posted - debits_posted - debits_pending AS BIGINT) FROM totals
+              WHERE (flags & 1) = 1 AND credits_posted - debits_posted - debits_pending < 0
+              ORDER BY id LIMIT 100"
+        ),
         &[],
     )? {
         problems.push(format!(

@@ -29,12 +29,14 @@ pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
     1 "0001_ledger",
     2 "0002_platform",
     3 "0003_mobikwik",
+    4 "0004_account_deltas",
 );
 
 pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
     1 "0001_ledger",
     2 "0002_platform",
     3 "0003_mobikwik",
+    4 "0004_account_deltas",
 );
 
 fn digest(sql: &str) -> String {

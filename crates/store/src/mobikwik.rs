@@ -190,6 +190,43 @@ pub fn token(tx: &mut Tx<'_>, digest: &[u8]) -> Result<Option<TokenRow>, StoreEr
     }))
 }
 
+/// A token and the wallet of its cell, in one look-up (every debit needs both).
+pub fn token_with_wallet(
+    tx: &mut Tx<'_>,
+    digest: &[u8],
+) -> Result<Option<(TokenRow, Option<WalletRow>)>, StoreError> {
+    let Some(row) = tx.query_opt(
+        "SELECT t.digest, t.mid, t.cell, t.cap, t.lineage, t.state, t.created_at, t.expires_at,
+                w.cell, w.account_id, w.email, w.blocked
+           FROM mbk_tokens t LEFT JOIN wallets w ON w.cell = t.cell
+          WHERE t.digest = ?1",
+        &[digest.into()],
+    )?
+    else {
+        return Ok(None);
+    };
+    let token = TokenRow {
+        digest: row.blob(0)?,
+        mid: row.text(1)?,
+        cell: row.text(2)?,
+        cap: Money::from_minor(row.int(3)?),
+        lineage: row.blob(4)?,
+        replaced: row.int(5)? != 0,
+        created_at: Timestamp::from_millis(row.int(6)?),
+        expires_at: Timestamp::from_millis(row.int(7)?),
+    };
+    let wallet = match row.opt_text(8)? {
+        Some(cell) => Some(WalletRow {
+            cell,
+            account: AccountId(row.int(9)?),
+            email: row.opt_text(10)?,
+            blocked: row.int(11)? != 0,
+        }),
+        None => None,
+    };
+    Ok(Some((token, wallet)))
+}
+
 /// Marks an active token replaced. `false`: it was not active (a concurrent
 /// regeneration won), so the caller must not issue a successor.
 pub fn replace_token(tx: &mut Tx<'_>, digest: &[u8]) -> Result<bool, StoreError> {

@@ -109,14 +109,27 @@ pub(crate) fn classify(e: postgres::Error) -> DbError {
             DbErrorKind::Unavailable
         }
         Some(_) => DbErrorKind::Other,
-        // No SQLSTATE: the connection itself failed (refused, reset, closed).
-        None => DbErrorKind::Unavailable,
+        // No SQLSTATE: the connection failed (refused, reset, closed), or the
+        // client refused a value before sending it.
+        None if e.is_closed() || io_error(&e) => DbErrorKind::Unavailable,
+        None => DbErrorKind::Other,
     };
     let detail = match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => e.to_string(),
     };
     DbError::new(kind, detail)
+}
+
+fn io_error(e: &postgres::Error) -> bool {
+    let mut source = StdError::source(e);
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// A parameter bound to whatever type PostgreSQL inferred for its slot.
@@ -222,8 +235,8 @@ impl Conn for PgConn {
             Control::Commit => "COMMIT",
             Control::Rollback => "ROLLBACK",
             Control::Savepoint => "SAVEPOINT unit",
-            Control::Release => "RELEASE SAVEPOINT unit",
-            Control::RollbackToSavepoint => "ROLLBACK TO SAVEPOINT unit; RELEASE SAVEPOINT unit",
+            Control::ReleaseAndSavepoint => "RELEASE SAVEPOINT unit; SAVEPOINT unit",
+            Control::RollbackToSavepoint => "ROLLBACK TO SAVEPOINT unit",
         })
     }
 }

@@ -145,10 +145,8 @@ impl Conn for SqliteConn {
             Control::Commit => &["COMMIT"],
             Control::Rollback => &["ROLLBACK"],
             Control::Savepoint => &["SAVEPOINT unit"],
-            Control::Release => &["RELEASE SAVEPOINT unit"],
-            Control::RollbackToSavepoint => {
-                &["ROLLBACK TO SAVEPOINT unit", "RELEASE SAVEPOINT unit"]
-            }
+            Control::ReleaseAndSavepoint => &["RELEASE SAVEPOINT unit", "SAVEPOINT unit"],
+            Control::RollbackToSavepoint => &["ROLLBACK TO SAVEPOINT unit"],
         };
         for sql in statements {
             self.conn

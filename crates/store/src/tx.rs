@@ -81,6 +81,14 @@ impl<'a> Tx<'a> {
         self.writable
     }
 
+    /// Only one unit writes at a time (SQLite's single writer): what a unit
+    /// reads cannot change before it writes. Where this is false (several
+    /// PostgreSQL writers), the writes themselves must refuse races, as the
+    /// ledger's conditional updates and unique keys do.
+    pub fn serialized(&self) -> bool {
+        self.conn.dialect() == crate::conn::Dialect::Sqlite
+    }
+
     fn note(&mut self, e: crate::conn::DbError) -> StoreError {
         self.failed = true;
         if e.kind == DbErrorKind::Retryable {

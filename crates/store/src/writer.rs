@@ -369,8 +369,14 @@ impl Writer {
         // the batch run again, this time with savepoints.
         let savepoints = safe || conn.dialect() == Dialect::Postgres;
 
+        // One savepoint serves every unit: after a unit it is released and
+        // set again in one round trip, or rolled back to (which keeps it).
+        let mut first = true;
         while let Some(mut q) = rest.next() {
-            if savepoints && let Err(e) = conn.control(Control::Savepoint) {
+            if savepoints
+                && std::mem::take(&mut first)
+                && let Err(e) = conn.control(Control::Savepoint)
+            {
                 let _ = conn.control(Control::Rollback);
                 return Err(BatchFailure {
                     error: e.into(),
@@ -402,7 +408,7 @@ impl Writer {
             }
             let step = match (savepoints, keep) {
                 (false, _) => Ok(()),
-                (true, true) => conn.control(Control::Release),
+                (true, true) => conn.control(Control::ReleaseAndSavepoint),
                 (true, false) => conn.control(Control::RollbackToSavepoint),
             };
             if let Err(e) = step {
@@ -444,10 +450,12 @@ impl Writer {
             }
         }
 
+        let conn_dialect = conn.dialect();
         let mut prepared = {
             let empty = Deferred::new();
             let mut tx = Tx::new(conn, now, &cfg.sealer, &empty, true);
-            crate::ledger::apply_deferred(&mut tx, &deferred)
+            let writer = (conn_dialect == Dialect::Postgres).then_some(id);
+            crate::ledger::apply_deferred(&mut tx, &deferred, writer)
         };
         if prepared.is_ok() && conn.dialect() == Dialect::Postgres {
             prepared = conn

@@ -631,7 +631,12 @@ impl Rail {
             otp_max_failures: self.settings.otp_max_failures,
             msgcode: msgcode.clone(),
         };
-        let answer = self.write(&head, move |tx| d.run(tx)).await;
+        // Debits of one wallet go to one writer (see `Store::write_keyed`).
+        let key = d.cell.clone().into_bytes();
+        let answer = match self.store.write_keyed(&key, move |tx| d.run(tx)).await {
+            Ok(a) | Err(Halt::Refuse(a)) => a,
+            Err(Halt::Store(e)) => Rail::unexpected(&e, &head),
+        };
         reply(answer)
     }
 
@@ -910,30 +915,32 @@ impl Debit {
     fn run(&self, tx: &mut Tx<'_>) -> Result<Answer, Halt> {
         let refuse = |code| Err(Halt::Refuse(self.fail(code)));
         let now = tx.now();
-        match &self.credential {
+        let wallet = match &self.credential {
             Credential::Token(digest) => {
-                let token = match db::token(tx, digest)? {
-                    Some(t)
+                let (token, wallet) = match db::token_with_wallet(tx, digest)? {
+                    Some((t, w))
                         if t.mid == self.mid
                             && t.cell == self.cell
                             && !t.replaced
                             && t.expires_at > now =>
                     {
-                        t
+                        (t, w)
                     }
                     _ => return refuse(Code::TokenInvalid),
                 };
                 if self.amount > token.cap {
                     return refuse(Code::LimitExceeded);
                 }
+                wallet
             }
             Credential::Otp(digest) => {
                 if !Rail::check_otp(tx, &self.mid, &self.cell, digest, self.otp_max_failures)? {
                     return Ok(self.fail(Code::OtpInvalid)); // keep the failed attempt
                 }
+                db::wallet(tx, &self.cell)?
             }
-        }
-        let Some(wallet) = db::wallet(tx, &self.cell)? else {
+        };
+        let Some(wallet) = wallet else {
             return refuse(Code::TokenInvalid);
         };
         if wallet.blocked {
@@ -945,15 +952,15 @@ impl Debit {
                 .map_or(Money::ZERO, |p| self.amount.percent_floor(p)),
             None => Money::ZERO,
         };
-        // 304, then 301, are decided before anything is written: a refusal
-        // that writes nothing costs the batch nothing (see the store's
-        // writer). Between nodes on PostgreSQL the insert and the transfer
-        // below still refuse a race.
-        if db::order(tx, &self.mid, &self.orderid)?.is_some() {
+        // With a single writer, 304 and then 301 are decided before anything
+        // is written: a refusal that writes nothing costs its batch nothing
+        // (see the store's writer). With several writers the insert and the
+        // transfer below refuse, atomically, whatever races them.
+        let net = self.amount.checked_sub(cashback).unwrap_or(Money::ZERO);
+        if tx.serialized() && db::order(tx, &self.mid, &self.orderid)?.is_some() {
             return refuse(Code::DuplicateOrder);
         }
-        let net = self.amount.checked_sub(cashback).unwrap_or(Money::ZERO);
-        if net.is_positive() {
+        if tx.serialized() && net.is_positive() {
             let available = ledger::account(tx, wallet.account)?
                 .ok_or_else(|| StoreError::Internal("wallet account missing".into()))?
                 .balances
