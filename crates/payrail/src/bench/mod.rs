@@ -326,11 +326,14 @@ pub async fn run(args: BenchArgs) -> Result<bool, String> {
         }
     };
     // Tokens of an earlier run on the same SQLite database, if any.
-    let token_file = args
-        .db
-        .as_deref()
-        .and_then(|db| db.strip_prefix("sqlite://"))
-        .map(|path| PathBuf::from(format!("{path}.bench-tokens")));
+    let token_file = match args.db.as_deref().map(payrail_store::Location::parse) {
+        Some(Ok(payrail_store::Location::Sqlite(path))) => {
+            let mut file = path.into_os_string();
+            file.push(".bench-tokens");
+            Some(PathBuf::from(file))
+        }
+        _ => None,
+    };
     let cached: Option<Vec<(String, String)>> = token_file
         .as_ref()
         .and_then(|f| std::fs::read_to_string(f).ok())
