@@ -188,157 +188,68 @@ impl<S: Send + Sync> FromRequest<S> for WireRequest {
     }
 }
 
-/// The status codes this rail answers with. Descriptions follow the seed
-/// documents where they give one, the provider's published table elsewhere.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Code {
-    Ok,
-    RefundMerchantFunds,
-    MerchantNotFound,
-    RefundRefused,
-    OrderIdLength,
-    OrderIdChars,
-    EmailInvalid,
-    AmountInvalid,
-    CellInvalid,
-    MerchantNameInvalid,
-    ChecksumMismatch,
-    Unexpected,
-    NoOrder,
-    InvalidAction,
-    UserNotFound,
-    TooManyOtps,
-    MsgcodeInvalid,
-    ParamsInvalid,
-    CellRegistered,
-    OtpInvalid,
-    TokenOrOtpMissing,
-    BadToken,
-    OtpAndToken,
-    RegenTokenInvalid,
-    RegenLimit,
-    InsufficientBalance,
-    TokenInvalid,
-    LimitExceeded,
-    DuplicateOrder,
-    WalletBlocked,
+/// Declares the status codes once: the enum, its numbers, descriptions and
+/// the list of all of them (the README's table is checked against it).
+macro_rules! status_codes {
+    ($($name:ident = $number:literal, $description:literal;)*) => {
+        /// The status codes this rail answers with. Descriptions follow the
+        /// seed documents where they give one, the provider's published table
+        /// elsewhere.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Code {
+            $($name,)*
+        }
+
+        impl Code {
+            /// Every code, for the README's table and the tests.
+            pub const ALL: &'static [Code] = &[$(Code::$name,)*];
+
+            pub fn number(self) -> u16 {
+                match self {
+                    $(Code::$name => $number,)*
+                }
+            }
+
+            pub fn description(self) -> &'static str {
+                match self {
+                    $(Code::$name => $description,)*
+                }
+            }
+        }
+    };
 }
 
-impl Code {
-    pub fn number(self) -> u16 {
-        use Code::*;
-        match self {
-            Ok => 0,
-            RefundMerchantFunds => 7,
-            MerchantNotFound => 22,
-            RefundRefused => 45,
-            OrderIdLength => 51,
-            OrderIdChars => 52,
-            EmailInvalid => 53,
-            AmountInvalid => 54,
-            CellInvalid => 55,
-            MerchantNameInvalid => 56,
-            ChecksumMismatch => 80,
-            Unexpected => 99,
-            NoOrder => 101,
-            InvalidAction => 110,
-            UserNotFound => 120,
-            TooManyOtps => 148,
-            MsgcodeInvalid => 150,
-            ParamsInvalid => 151,
-            CellRegistered => 153,
-            OtpInvalid => 164,
-            TokenOrOtpMissing => 190,
-            BadToken => 198,
-            OtpAndToken => 200,
-            RegenTokenInvalid => 201,
-            RegenLimit => 202,
-            InsufficientBalance => 301,
-            TokenInvalid => 302,
-            LimitExceeded => 303,
-            DuplicateOrder => 304,
-            WalletBlocked => 305,
-        }
-    }
-
-    pub fn description(self) -> &'static str {
-        use Code::*;
-        match self {
-            Ok => "Transaction completed successfully",
-            RefundMerchantFunds => "Failed to debit from merchant",
-            MerchantNotFound => "Merchant does not Exist",
-            RefundRefused => "General error",
-            OrderIdLength => "Length of parameter orderid must be between 8 to 30 characters",
-            OrderIdChars => "Parameter orderid must be alphanumeric only",
-            EmailInvalid => "Parameter email is invalid",
-            AmountInvalid => "Parameter amount must be numeric with max 2 decimal places only",
-            CellInvalid => {
-                "Parameter cell is invalid. It must be numeric, have 10 digits and start with 7,8 or 9"
-            }
-            MerchantNameInvalid => {
-                "Parameter merchantname is invalid. It must be alphanumeric and its length must be between 1 to 30 characters"
-            }
-            ChecksumMismatch => "Checksum Mismatch",
-            Unexpected => "Unexpected Error",
-            NoOrder => "No orderid found",
-            InvalidAction => "Invalid action parameter",
-            UserNotFound => "User does not exist",
-            TooManyOtps => "Exceeded maximum number of OTP request attempts",
-            MsgcodeInvalid => "Invalid Message code specified in Input",
-            ParamsInvalid => "Invalid Request Parameters",
-            CellRegistered => "User with the input cell is already registered",
-            OtpInvalid => {
-                "Either Invalid OTP (Expiry or OTP mismatch) or OTP mismatched due to mismatch in order id or transaction amount"
-            }
-            TokenOrOtpMissing => "Token Or OTP missing",
-            BadToken => "Either Token missing or Invalid Token or Token Expired",
-            OtpAndToken => "Provide Either OTP or Token",
-            RegenTokenInvalid => "Invalid or expired token provided",
-            RegenLimit => "Token regeneration limit exceeded",
-            InsufficientBalance => "Insufficient wallet balance",
-            TokenInvalid => "Invalid or expired token",
-            LimitExceeded => "Transaction limit exceeded",
-            DuplicateOrder => "Duplicate order ID",
-            WalletBlocked => "Wallet temporarily blocked",
-        }
-    }
-
-    /// Every code, for the README's table and the tests.
-    pub const ALL: [Code; 30] = {
-        use Code::*;
-        [
-            Ok,
-            RefundMerchantFunds,
-            MerchantNotFound,
-            RefundRefused,
-            OrderIdLength,
-            OrderIdChars,
-            EmailInvalid,
-            AmountInvalid,
-            CellInvalid,
-            MerchantNameInvalid,
-            ChecksumMismatch,
-            Unexpected,
-            NoOrder,
-            InvalidAction,
-            UserNotFound,
-            TooManyOtps,
-            MsgcodeInvalid,
-            ParamsInvalid,
-            CellRegistered,
-            OtpInvalid,
-            TokenOrOtpMissing,
-            BadToken,
-            OtpAndToken,
-            RegenTokenInvalid,
-            RegenLimit,
-            InsufficientBalance,
-            TokenInvalid,
-            LimitExceeded,
-            DuplicateOrder,
-            WalletBlocked,
-        ]
-    };
+status_codes! {
+    Ok = 0, "Transaction completed successfully";
+    RefundMerchantFunds = 7, "Failed to debit from merchant";
+    MerchantNotFound = 22, "Merchant does not Exist";
+    RefundRefused = 45, "General error";
+    OrderIdLength = 51, "Length of parameter orderid must be between 8 to 30 characters";
+    OrderIdChars = 52, "Parameter orderid must be alphanumeric only";
+    EmailInvalid = 53, "Parameter email is invalid";
+    AmountInvalid = 54, "Parameter amount must be numeric with max 2 decimal places only";
+    CellInvalid = 55, "Parameter cell is invalid. It must be numeric, have 10 digits and start with 7,8 or 9";
+    MerchantNameInvalid = 56, "Parameter merchantname is invalid. It must be alphanumeric and its length must be between 1 to 30 characters";
+    ChecksumMismatch = 80, "Checksum Mismatch";
+    Unexpected = 99, "Unexpected Error";
+    NoOrder = 101, "No orderid found";
+    InvalidAction = 110, "Invalid action parameter";
+    UserNotFound = 120, "User does not exist";
+    TooManyOtps = 148, "Exceeded maximum number of OTP request attempts";
+    MsgcodeInvalid = 150, "Invalid Message code specified in Input";
+    ParamsInvalid = 151, "Invalid Request Parameters";
+    CellRegistered = 153, "User with the input cell is already registered";
+    OtpInvalid = 164, "Either Invalid OTP (Expiry or OTP mismatch) or OTP mismatched due to mismatch in order id or transaction amount";
+    TokenOrOtpMissing = 190, "Token Or OTP missing";
+    BadToken = 198, "Either Token missing or Invalid Token or Token Expired";
+    OtpAndToken = 200, "Provide Either OTP or Token";
+    RegenTokenInvalid = 201, "Invalid or expired token provided";
+    RegenLimit = 202, "Token regeneration limit exceeded";
+    InsufficientBalance = 301, "Insufficient wallet balance";
+    TokenInvalid = 302, "Invalid or expired token";
+    LimitExceeded = 303, "Transaction limit exceeded";
+    DuplicateOrder = 304, "Duplicate order ID";
+    WalletBlocked = 305, "Wallet temporarily blocked";
 }
 
 /// Which fields a response checksum covers.
