@@ -118,30 +118,31 @@ struct Sent {
     outcome: Outcome,
 }
 
-/// Debits from `workers` tasks over `clients` until `stop`; every request and
-/// what it was answered.
+/// How far a load has got, and its stop switch.
+#[derive(Default)]
+struct Progress {
+    stop: AtomicBool,
+    answered: AtomicUsize,
+    succeeded: AtomicUsize,
+}
+
+/// Debits from `workers` tasks over `clients` until `progress.stop`; every
+/// request and what it was answered.
 fn load(
     clients: Vec<Client>,
     wallets: Arc<Vec<(String, String)>>,
     workers: usize,
     tag: &'static str,
-    stop: Arc<AtomicBool>,
-    answered: Arc<AtomicUsize>,
-    succeeded: Arc<AtomicUsize>,
-) -> Vec<tokio::task::JoinHandle<Vec<Sent>>> {
-    (0..workers)
+) -> (Arc<Progress>, Vec<tokio::task::JoinHandle<Vec<Sent>>>) {
+    let progress = Arc::new(Progress::default());
+    let tasks = (0..workers)
         .map(|worker| {
-            let (clients, wallets, stop, answered, succeeded) = (
-                clients.clone(),
-                Arc::clone(&wallets),
-                Arc::clone(&stop),
-                Arc::clone(&answered),
-                Arc::clone(&succeeded),
-            );
+            let (clients, wallets, progress) =
+                (clients.clone(), Arc::clone(&wallets), Arc::clone(&progress));
             tokio::spawn(async move {
                 let mut sent = Vec::new();
                 let mut n = 0usize;
-                while !stop.load(Ordering::SeqCst) {
+                while !progress.stop.load(Ordering::SeqCst) {
                     let c = &clients[(worker + n) % clients.len()];
                     let wi = (worker * 7 + n) % wallets.len();
                     let (w, token) = &wallets[wi];
@@ -154,7 +155,7 @@ fn load(
                         Ok(r) => {
                             assert!(r.checksum_ok, "{r:?}");
                             if r.is_success() {
-                                succeeded.fetch_add(1, Ordering::SeqCst);
+                                progress.succeeded.fetch_add(1, Ordering::SeqCst);
                                 Outcome::Success
                             } else {
                                 Outcome::Refused(r.statuscode().to_string())
@@ -163,7 +164,7 @@ fn load(
                         // A killed node: no answer.
                         Err(_) => Outcome::NoAnswer,
                     };
-                    answered.fetch_add(1, Ordering::SeqCst);
+                    progress.answered.fetch_add(1, Ordering::SeqCst);
                     sent.push(Sent {
                         orderid,
                         wallet: wi,
@@ -175,7 +176,8 @@ fn load(
                 sent
             })
         })
-        .collect()
+        .collect();
+    (progress, tasks)
 }
 
 /// After the dust settles: every SUCCESS is there, every refusal is not,
@@ -239,32 +241,19 @@ async fn a_node_killed_mid_load_loses_no_answered_debit() {
     let start = Money::parse("150.00").unwrap();
     let wallets = funded_wallets(&nodes[0], 40, 5, "150.00").await;
     let clients: Vec<Client> = nodes.iter().map(Server::client).collect();
-    let (stop, answered, succeeded) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let tasks = load(
-        clients,
-        Arc::clone(&wallets),
-        18,
-        "NODEKILL",
-        Arc::clone(&stop),
-        Arc::clone(&answered),
-        Arc::clone(&succeeded),
-    );
+    let (progress, tasks) = load(clients, Arc::clone(&wallets), 18, "NODEKILL");
     let kill_at = rand::random_range(50..400usize);
-    while answered.load(Ordering::SeqCst) < kill_at {
+    while progress.answered.load(Ordering::SeqCst) < kill_at {
         tokio::task::yield_now().await;
     }
     let victim = nodes.remove(1);
     support::sigkill(victim.pid() as i32);
     // Keep the survivors under load a little longer.
-    let resume_at = answered.load(Ordering::SeqCst) + 200;
-    while answered.load(Ordering::SeqCst) < resume_at {
+    let resume_at = progress.answered.load(Ordering::SeqCst) + 200;
+    while progress.answered.load(Ordering::SeqCst) < resume_at {
         tokio::task::yield_now().await;
     }
-    stop.store(true, Ordering::SeqCst);
+    progress.stop.store(true, Ordering::SeqCst);
     let mut sent = Vec::new();
     for t in tasks {
         sent.extend(t.await.unwrap());
@@ -330,21 +319,8 @@ async fn postgres_restarting_under_load_loses_and_duplicates_nothing() {
     let start = Money::parse("400.00").unwrap();
     let wallets = funded_wallets(&nodes[0], 60, 4, "400.00").await;
     let clients: Vec<Client> = nodes.iter().map(Server::client).collect();
-    let (stop, answered, succeeded) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let tasks = load(
-        clients,
-        Arc::clone(&wallets),
-        12,
-        "PGRESTART",
-        Arc::clone(&stop),
-        Arc::clone(&answered),
-        Arc::clone(&succeeded),
-    );
-    while answered.load(Ordering::SeqCst) < 150 {
+    let (progress, tasks) = load(clients, Arc::clone(&wallets), 12, "PGRESTART");
+    while progress.answered.load(Ordering::SeqCst) < 150 {
         tokio::task::yield_now().await;
     }
 
@@ -364,8 +340,8 @@ async fn postgres_restarting_under_load_loses_and_duplicates_nothing() {
     let http = reqwest::Client::new();
     let r = http.get(nodes[0].url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let during = answered.load(Ordering::SeqCst);
-    while answered.load(Ordering::SeqCst) < during + 100 {
+    let during = progress.answered.load(Ordering::SeqCst);
+    while progress.answered.load(Ordering::SeqCst) < during + 100 {
         tokio::task::yield_now().await;
     }
 
@@ -390,15 +366,15 @@ async fn postgres_restarting_under_load_loses_and_duplicates_nothing() {
         }
     }
     // Writes resume too: wait (bounded) until debits succeed again, then a little more.
-    let before = succeeded.load(Ordering::SeqCst);
-    while succeeded.load(Ordering::SeqCst) < before + 100 {
+    let before = progress.succeeded.load(Ordering::SeqCst);
+    while progress.succeeded.load(Ordering::SeqCst) < before + 100 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "debits did not succeed again within 30s"
         );
         tokio::task::yield_now().await;
     }
-    stop.store(true, Ordering::SeqCst);
+    progress.stop.store(true, Ordering::SeqCst);
     let mut sent = Vec::new();
     for t in tasks {
         sent.extend(t.await.unwrap());
