@@ -199,6 +199,15 @@ pub trait Conn: Send {
     /// Runs a query (or a statement with `RETURNING`) and returns its rows.
     fn query(&mut self, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<Row>, DbError>;
 
+    /// Runs an `INSERT … ON CONFLICT … DO NOTHING /*RETURNING id*/` and
+    /// returns the new row's integer key, or `None` if the conflict clause
+    /// skipped the row.
+    fn insert_id(
+        &mut self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> Result<Option<i64>, DbError>;
+
     /// Runs parameterless SQL such as a migration.
     fn batch(&mut self, sql: &str) -> Result<(), DbError>;
 

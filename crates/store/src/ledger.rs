@@ -161,6 +161,24 @@ pub fn account(tx: &mut Tx<'_>, id: AccountId) -> Result<Option<Account>, StoreE
     }
 }
 
+/// What the account can spend now: its available balance with its delta rows
+/// and this batch's queued changes. The one figure a debit's check needs,
+/// read without the account's other columns (a debit reads it every time).
+pub fn available(tx: &mut Tx<'_>, id: AccountId) -> Result<Option<Money>, StoreError> {
+    let Some(row) = tx.query_opt(
+        "SELECT a.credits_posted - a.debits_posted - a.debits_pending
+                + CAST(COALESCE((SELECT SUM(d.credits_posted - d.debits_posted - d.debits_pending)
+                                   FROM account_deltas d WHERE d.account_id = a.id), 0) AS BIGINT)
+           FROM accounts a WHERE a.id = ?1",
+        &[id.0.into()],
+    )?
+    else {
+        return Ok(None);
+    };
+    let available = row.int(0)? + tx.deferred(id).available_change();
+    Ok(Some(Money::from_minor(available)))
+}
+
 pub fn account_by_code(tx: &mut Tx<'_>, code: &str) -> Result<Option<Account>, StoreError> {
     match tx.query_opt(select_account!("WHERE a.code = ?1"), &[code.into()])? {
         Some(row) => Ok(Some(account_from_row(tx, &row)?)),
@@ -231,11 +249,11 @@ fn insert_transfer(
     expires_at: Option<Timestamp>,
 ) -> Result<Option<TransferId>, LedgerOpError> {
     let now = tx.now().millis();
-    let row = tx
-        .query_opt(
+    let id = tx
+        .insert_id(
             "INSERT INTO transfers (scope, idem_key, kind, debit_account, credit_account, currency, amount, pending_id, state, timeout_ms, expires_at, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10, ?11)
-             ON CONFLICT (scope, idem_key) DO NOTHING RETURNING id",
+             ON CONFLICT (scope, idem_key) DO NOTHING /*RETURNING id*/",
             &[
                 req.scope.as_str().into(),
                 req.key.as_str().into(),
@@ -256,10 +274,7 @@ fn insert_transfer(
             }
             e => LedgerOpError::Store(e),
         })?;
-    Ok(match row {
-        Some(r) => Some(TransferId(r.int(0)?)),
-        None => None,
-    })
+    Ok(id.map(TransferId))
 }
 
 /// The key is taken: a faithful replay gets the original, anything else is refused.

@@ -1,7 +1,8 @@
 //! The PostgreSQL engine: several payrail nodes over one database.
 //!
 //! The same queries as SQLite run here (see [`crate::conn`]): `?N` becomes
-//! `$N` and `/*FOR UPDATE*/` becomes `FOR UPDATE`. Writers run at READ
+//! `$N`, `/*FOR UPDATE*/` becomes `FOR UPDATE` and `/*RETURNING id*/`
+//! becomes `RETURNING id`. Writers run at READ
 //! COMMITTED; what keeps money right across nodes is in the queries
 //! themselves (conditional updates that re-check after a lock wait, row locks,
 //! unique constraints), explained where each is used.
@@ -71,7 +72,9 @@ impl PgConn {
 
 /// Rewrites a query from the shared dialect into PostgreSQL's.
 pub(crate) fn translate(sql: &str) -> String {
-    let sql = sql.replace("/*FOR UPDATE*/", "FOR UPDATE");
+    let sql = sql
+        .replace("/*FOR UPDATE*/", "FOR UPDATE")
+        .replace("/*RETURNING id*/", "RETURNING id");
     let mut out = String::with_capacity(sql.len());
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {
@@ -225,6 +228,17 @@ impl Conn for PgConn {
         rows.iter().map(read_row).collect()
     }
 
+    fn insert_id(
+        &mut self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> Result<Option<i64>, DbError> {
+        self.query(sql, params)?
+            .first()
+            .map(|r| r.int(0))
+            .transpose()
+    }
+
     fn batch(&mut self, sql: &str) -> Result<(), DbError> {
         self.client.batch_execute(sql).map_err(classify)
     }
@@ -252,5 +266,9 @@ mod tests {
             "SELECT a FROM t WHERE id = $1 AND b = $12 FOR UPDATE"
         );
         assert_eq!(translate("SELECT '?' AS q"), "SELECT '?' AS q");
+        assert_eq!(
+            translate("INSERT INTO t (a) VALUES (?1) ON CONFLICT (a) DO NOTHING /*RETURNING id*/"),
+            "INSERT INTO t (a) VALUES ($1) ON CONFLICT (a) DO NOTHING RETURNING id"
+        );
     }
 }

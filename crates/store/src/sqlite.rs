@@ -142,6 +142,21 @@ impl Conn for SqliteConn {
         Ok(out)
     }
 
+    /// SQLite compiles `RETURNING` as a temporary trigger, which makes every
+    /// execution open an ephemeral table and a statement journal: a sixth of
+    /// a ledger transfer's insert. The row's key is the connection's last
+    /// inserted rowid instead (exact: a connection is used by one thread).
+    fn insert_id(
+        &mut self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> Result<Option<i64>, DbError> {
+        Ok(match self.execute(sql, params)? {
+            0 => None,
+            _ => Some(self.conn.last_insert_rowid()),
+        })
+    }
+
     fn batch(&mut self, sql: &str) -> Result<(), DbError> {
         self.conn.execute_batch(sql).map_err(classify)
     }

@@ -31,7 +31,8 @@ pub struct Tx<'a> {
     pub(crate) failed: bool,
     /// The error was a deadlock or lock timeout: run the unit again later.
     pub(crate) retry: bool,
-    /// A statement that changes data ran (whatever its result).
+    /// A statement changed data, or one that would have failed: the unit
+    /// has something to undo if it does not commit.
     pub(crate) wrote: bool,
 }
 
@@ -102,10 +103,18 @@ impl<'a> Tx<'a> {
         sql: &'static str,
         params: &[Param<'_>],
     ) -> Result<u64, StoreError> {
-        self.wrote |= writes(sql);
+        // A write that changed no row (an `ON CONFLICT DO NOTHING` that hit
+        // the conflict, a conditional update that did not match) leaves
+        // nothing to undo; a failed one is counted, to be safe.
         match self.conn.execute(sql, params) {
-            Ok(n) => Ok(n),
-            Err(e) => Err(self.note(e)),
+            Ok(n) => {
+                self.wrote |= n > 0 && writes(sql);
+                Ok(n)
+            }
+            Err(e) => {
+                self.wrote |= writes(sql);
+                Err(self.note(e))
+            }
         }
     }
 
@@ -118,6 +127,23 @@ impl<'a> Tx<'a> {
         match self.conn.query(sql, params) {
             Ok(rows) => Ok(rows),
             Err(e) => Err(self.note(e)),
+        }
+    }
+
+    pub(crate) fn insert_id(
+        &mut self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> Result<Option<i64>, StoreError> {
+        match self.conn.insert_id(sql, params) {
+            Ok(id) => {
+                self.wrote |= id.is_some();
+                Ok(id)
+            }
+            Err(e) => {
+                self.wrote = true;
+                Err(self.note(e))
+            }
         }
     }
 

@@ -952,21 +952,23 @@ impl Debit {
                 .map_or(Money::ZERO, |p| self.amount.percent_floor(p)),
             None => Money::ZERO,
         };
-        // With a single writer, 304 and then 301 are decided before anything
-        // is written: a refusal that writes nothing costs its batch nothing
-        // (see the store's writer). With several writers the insert and the
-        // transfer below refuse, atomically, whatever races them.
+        // With a single writer, 301 is decided before anything is written: a
+        // refusal that writes nothing costs its batch nothing (see the store's
+        // writer). 304 outranks it, so a short balance looks the orderid up;
+        // otherwise the order's insert is the unit's first write (with a token)
+        // and refuses a used orderid by writing nothing. With several writers
+        // the insert and the transfer below refuse, atomically, whatever races
+        // them.
         let net = self.amount.checked_sub(cashback).unwrap_or(Money::ZERO);
-        if tx.serialized() && db::order(tx, &self.mid, &self.orderid)?.is_some() {
-            return refuse(Code::DuplicateOrder);
-        }
         if tx.serialized() && net.is_positive() {
-            let available = ledger::account(tx, wallet.account)?
-                .ok_or_else(|| StoreError::Internal("wallet account missing".into()))?
-                .balances
-                .available();
+            let available = ledger::available(tx, wallet.account)?
+                .ok_or_else(|| StoreError::Internal("wallet account missing".into()))?;
             if available < net {
-                return refuse(Code::InsufficientBalance);
+                return refuse(if db::order(tx, &self.mid, &self.orderid)?.is_some() {
+                    Code::DuplicateOrder
+                } else {
+                    Code::InsufficientBalance
+                });
             }
         }
         let inserted = db::insert_order(
