@@ -31,8 +31,8 @@ pub struct Tx<'a> {
     pub(crate) failed: bool,
     /// The error was a deadlock or lock timeout: run the unit again later.
     pub(crate) retry: bool,
-    /// A statement changed data, or one that would have failed: the unit
-    /// has something to undo if it does not commit.
+    /// A statement changed data, or a statement that changes data failed:
+    /// the unit may have something to undo if it does not commit.
     pub(crate) wrote: bool,
 }
 
