@@ -178,7 +178,12 @@ pub fn token(tx: &mut Tx<'_>, digest: &[u8]) -> Result<Option<TokenRow>, StoreEr
     else {
         return Ok(None);
     };
-    Ok(Some(TokenRow {
+    Ok(Some(token_from_row(&row)?))
+}
+
+/// A token from the first eight columns of `row`, in `token`'s order.
+fn token_from_row(row: &Row) -> Result<TokenRow, StoreError> {
+    Ok(TokenRow {
         digest: row.blob(0)?,
         mid: row.text(1)?,
         cell: row.text(2)?,
@@ -187,7 +192,7 @@ pub fn token(tx: &mut Tx<'_>, digest: &[u8]) -> Result<Option<TokenRow>, StoreEr
         replaced: row.int(5)? != 0,
         created_at: Timestamp::from_millis(row.int(6)?),
         expires_at: Timestamp::from_millis(row.int(7)?),
-    }))
+    })
 }
 
 /// A token and the wallet of its cell, in one look-up (every debit needs both).
@@ -205,16 +210,7 @@ pub fn token_with_wallet(
     else {
         return Ok(None);
     };
-    let token = TokenRow {
-        digest: row.blob(0)?,
-        mid: row.text(1)?,
-        cell: row.text(2)?,
-        cap: Money::from_minor(row.int(3)?),
-        lineage: row.blob(4)?,
-        replaced: row.int(5)? != 0,
-        created_at: Timestamp::from_millis(row.int(6)?),
-        expires_at: Timestamp::from_millis(row.int(7)?),
-    };
+    let token = token_from_row(&row)?;
     let wallet = match row.opt_text(8)? {
         Some(cell) => Some(WalletRow {
             cell,
