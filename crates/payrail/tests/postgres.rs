@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -14,7 +14,7 @@ use payrail_core::Money;
 use payrail_mobikwik::client::{Client, Debit};
 use payrail_store::testkit::{TestDb, postgres_admin_url};
 use reqwest::StatusCode;
-use support::{Db, Server, Start, cell, orderid};
+use support::{Db, Server, Start, cell, counts, orderid, tally};
 
 fn admin_url() -> Option<String> {
     let url = postgres_admin_url();
@@ -50,18 +50,12 @@ async fn three_nodes_debit_a_hot_wallet_exactly_k_times() {
                 .expect("debit")
         }));
     }
-    let mut codes = BTreeMap::<String, usize>::new();
+    let mut answers = Vec::new();
     for t in tasks {
-        *codes
-            .entry(t.await.unwrap().statuscode().to_string())
-            .or_default() += 1;
+        answers.push(t.await.unwrap().statuscode().to_string());
     }
-    assert_eq!(
-        codes,
-        [("0".to_string(), K), ("301".to_string(), N - K)]
-            .into_iter()
-            .collect()
-    );
+    let codes = tally(answers);
+    assert_eq!(codes, counts(&[("0", K), ("301", N - K)]));
     for n in &nodes {
         assert_eq!(n.wallet_balance(&w).await, "0.00");
     }
@@ -88,18 +82,12 @@ async fn one_orderid_sent_to_every_node_at_once_debits_once() {
             .expect("debit")
         }));
     }
-    let mut codes = BTreeMap::<String, usize>::new();
+    let mut answers = Vec::new();
     for t in tasks {
-        *codes
-            .entry(t.await.unwrap().statuscode().to_string())
-            .or_default() += 1;
+        answers.push(t.await.unwrap().statuscode().to_string());
     }
-    assert_eq!(
-        codes,
-        [("0".to_string(), 1), ("304".to_string(), 29)]
-            .into_iter()
-            .collect()
-    );
+    let codes = tally(answers);
+    assert_eq!(codes, counts(&[("0", 1), ("304", 29)]));
     assert_eq!(nodes[1].wallet_balance("9311032820").await, "9983.00");
     nodes[0].verify_ok().await;
 }
@@ -380,15 +368,11 @@ async fn postgres_restarting_under_load_loses_and_duplicates_nothing() {
         sent.extend(t.await.unwrap());
     }
     // Every answer was a documented one; the outage gave 99s, then successes came back.
-    let mut codes = BTreeMap::<String, usize>::new();
-    for x in &sent {
-        let key = match &x.outcome {
-            Outcome::Success => "0".to_string(),
-            Outcome::Refused(c) => c.clone(),
-            Outcome::NoAnswer => "no answer".to_string(),
-        };
-        *codes.entry(key).or_default() += 1;
-    }
+    let codes = tally(sent.iter().map(|x| match &x.outcome {
+        Outcome::Success => "0".to_string(),
+        Outcome::Refused(c) => c.clone(),
+        Outcome::NoAnswer => "no answer".to_string(),
+    }));
     assert!(
         codes
             .keys()

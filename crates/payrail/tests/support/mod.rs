@@ -2,6 +2,7 @@
 //! fresh database and talks to it over HTTP, as a stranger would.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -275,6 +276,20 @@ pub fn cell(n: u32) -> String {
 /// A fresh orderid.
 pub fn orderid(prefix: &str, n: usize) -> String {
     format!("{prefix}_{n:08}")
+}
+
+/// How many times each status code was answered.
+pub fn tally<S: Into<String>>(codes: impl IntoIterator<Item = S>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for c in codes {
+        *counts.entry(c.into()).or_default() += 1;
+    }
+    counts
+}
+
+/// The tally expected: `[("0", 7), ("301", 3)]`.
+pub fn counts(expected: &[(&str, usize)]) -> BTreeMap<String, usize> {
+    expected.iter().map(|&(c, n)| (c.to_string(), n)).collect()
 }
 
 /// SIGKILL by pid, from any thread, at once.
