@@ -426,6 +426,12 @@ impl Store {
         self.submit(queue, f).await
     }
 
+    /// Units waiting in the first writer's queue.
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
+        self.inner.queues[0].len()
+    }
+
     async fn submit<T, E, F>(&self, queue: usize, f: F) -> Result<T, E>
     where
         F: FnMut(&mut Tx<'_>) -> Result<T, E> + Send + 'static,

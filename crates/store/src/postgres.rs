@@ -35,6 +35,11 @@ pub struct PgOptions {
 pub(crate) struct PgConn {
     client: Client,
     statements: HashMap<&'static str, Statement>,
+    /// A statement failed since the transaction (or its savepoint) began.
+    /// PostgreSQL then answers `COMMIT` with a rollback and no error, so
+    /// the commit is refused here instead: nobody may be told that work was
+    /// saved when it was not.
+    aborted: bool,
 }
 
 impl PgConn {
@@ -57,6 +62,7 @@ impl PgConn {
         Ok(PgConn {
             client,
             statements: HashMap::new(),
+            aborted: false,
         })
     }
 
@@ -64,7 +70,10 @@ impl PgConn {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.client.prepare(&translate(sql)).map_err(classify)?;
+        let s = self.client.prepare(&translate(sql)).map_err(|e| {
+            self.aborted = true;
+            classify(e)
+        })?;
         self.statements.insert(sql, s.clone());
         Ok(s)
     }
@@ -216,7 +225,9 @@ impl Conn for PgConn {
         let bound: Vec<PgParam<'_>> = params.iter().map(|p| PgParam(*p)).collect();
         let refs: Vec<&(dyn ToSql + Sync)> =
             bound.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        self.client.execute(&stmt, &refs).map_err(classify)
+        let result = self.client.execute(&stmt, &refs);
+        self.aborted |= result.is_err();
+        result.map_err(classify)
     }
 
     fn query(&mut self, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<Row>, DbError> {
@@ -224,8 +235,9 @@ impl Conn for PgConn {
         let bound: Vec<PgParam<'_>> = params.iter().map(|p| PgParam(*p)).collect();
         let refs: Vec<&(dyn ToSql + Sync)> =
             bound.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        let rows = self.client.query(&stmt, &refs).map_err(classify)?;
-        rows.iter().map(read_row).collect()
+        let result = self.client.query(&stmt, &refs);
+        self.aborted |= result.is_err();
+        result.map_err(classify)?.iter().map(read_row).collect()
     }
 
     fn insert_id(
@@ -240,10 +252,19 @@ impl Conn for PgConn {
     }
 
     fn batch(&mut self, sql: &str) -> Result<(), DbError> {
-        self.client.batch_execute(sql).map_err(classify)
+        let result = self.client.batch_execute(sql);
+        self.aborted |= result.is_err();
+        result.map_err(classify)
     }
 
     fn control(&mut self, c: Control) -> Result<(), DbError> {
+        if c == Control::Commit && self.aborted {
+            let _ = self.batch("ROLLBACK");
+            self.aborted = false;
+            return Err(DbError::other(
+                "COMMIT refused: a statement failed earlier in the transaction",
+            ));
+        }
         self.batch(match c {
             Control::BeginWrite => "BEGIN ISOLATION LEVEL READ COMMITTED",
             Control::Commit => "COMMIT",
@@ -251,7 +272,17 @@ impl Conn for PgConn {
             Control::Savepoint => "SAVEPOINT unit",
             Control::ReleaseAndSavepoint => "RELEASE SAVEPOINT unit; SAVEPOINT unit",
             Control::RollbackToSavepoint => "ROLLBACK TO SAVEPOINT unit",
-        })
+        })?;
+        if matches!(
+            c,
+            Control::BeginWrite
+                | Control::Rollback
+                | Control::RollbackToSavepoint
+                | Control::Commit
+        ) {
+            self.aborted = false;
+        }
+        Ok(())
     }
 }
 

@@ -189,12 +189,22 @@ impl Writer {
         self.seq += 1;
         let result = match self.try_batch(batch, false) {
             Err(f) if f.redo_with_savepoints => {
-                let units = f.units.into_iter().chain(f.retry);
+                metrics::counter!("payrail_group_commit_redos_total").increment(1);
                 let settled = f
                     .settled
                     .into_iter()
                     .map(|(job, _)| Queued { job, attempts: 0 });
-                self.try_batch(units.chain(settled).collect(), true)
+                let later = f.retry;
+                match self.try_batch(f.units.into_iter().chain(settled).collect(), true) {
+                    Ok((done, mut retry)) => {
+                        retry.extend(later);
+                        Ok((done, retry))
+                    }
+                    Err(mut g) => {
+                        g.retry.extend(later);
+                        Err(g)
+                    }
+                }
             }
             other => other,
         };
@@ -362,12 +372,16 @@ impl Writer {
         let mut settled: Vec<(Box<dyn Job>, Option<StoreError>)> = Vec::new();
         let mut retry: Vec<Queued> = Vec::new();
         let mut rest = batch.into_iter();
-        // Each unit runs in a savepoint, so that a failing one is undone
-        // alone; except on SQLite, where the single writer lets units check
-        // before they write, and the savepoints (and the copies of every page
-        // they touch) are skipped. A unit that fails after writing there makes
-        // the batch run again, this time with savepoints.
-        let savepoints = safe || conn.dialect() == Dialect::Postgres;
+        // A batch first runs without savepoints: units check before they
+        // write, so almost every unit either commits or refuses having changed
+        // nothing. A unit that fails after writing, or after any database
+        // error (on PostgreSQL one error aborts the whole transaction), makes
+        // the batch roll back and run again with a savepoint per unit, which
+        // undoes a failing unit alone. Savepoints cost SQLite a copy of every
+        // page they touch, and PostgreSQL a round trip per unit plus a
+        // subtransaction each (past 64 in one transaction, every snapshot in
+        // the cluster gets slower).
+        let savepoints = safe;
 
         // One savepoint serves every unit: after a unit it is released and
         // set again in one round trip, or rolled back to (which keeps it).
@@ -395,11 +409,20 @@ impl Writer {
                 (outcome, tx.failed, tx.retry, tx.wrote, d)
             };
             let keep = matches!(outcome, Ok(Outcome::Commit)) && !failed;
-            if !savepoints && !keep && wrote {
+            if !savepoints && !keep && (wrote || failed) {
                 let _ = conn.control(Control::Rollback);
+                // A lock conflict waits for a later batch rather than meeting
+                // the same lock again in the rerun.
+                let unit = if wants_retry && q.attempts + 1 < cfg.max_attempts {
+                    q.attempts += 1;
+                    retry.push(q);
+                    None
+                } else {
+                    Some(q)
+                };
                 return Err(BatchFailure {
                     error: StoreError::Internal("a unit failed after writing".into()),
-                    units: committed.into_iter().chain(Some(q)).chain(rest).collect(),
+                    units: committed.into_iter().chain(unit).chain(rest).collect(),
                     retry,
                     settled,
                     during_commit: false,
@@ -515,4 +538,106 @@ pub(crate) fn read_now(
     Ok(Timestamp::from_millis(
         now.millis() + crate::sandbox::clock_offset_ms(conn)?,
     ))
+}
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use std::sync::{Arc, Mutex, mpsc};
+
+    use payrail_core::{AccountFlags, Currency, Money, SystemClock};
+
+    use crate::ledger::{self, LedgerOpError};
+    use crate::testkit::TestDb;
+    use crate::{MasterKey, Options, Store, StoreError};
+
+    /// A unit whose read fails shares a batch with one that wrote before it.
+    /// On PostgreSQL that error aborts the whole transaction, and `COMMIT`
+    /// then quietly rolls back: the writing unit must still be kept, and
+    /// told the truth.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_read_spoils_no_sibling_in_its_batch() {
+        let db = TestDb::fresh();
+        let mut o = Options::new(
+            db.location.clone(),
+            MasterKey::from_bytes([7; 32]),
+            Arc::new(SystemClock),
+        );
+        o.postgres.writers = 1;
+        let store = Store::open(o).await.unwrap();
+        let (a, b) = store
+            .write(|tx| {
+                Ok::<_, LedgerOpError>((
+                    ledger::open_account(tx, "a", Currency::INR, AccountFlags::NONE)?,
+                    ledger::open_account(tx, "b", Currency::INR, AccountFlags::NONE)?,
+                ))
+            })
+            .await
+            .unwrap();
+
+        // A gate unit holds the writer until both units below are queued, so
+        // that they share the next batch, the writing one first.
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let (open_tx, open_rx) = mpsc::channel::<()>();
+        let (started_tx, open_rx) = (Mutex::new(started_tx), Mutex::new(open_rx));
+        let gate = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |_tx| {
+                        let _ = started_tx.lock().unwrap().send(());
+                        let _ = open_rx.lock().unwrap().recv();
+                        Ok::<_, StoreError>(())
+                    })
+                    .await
+            }
+        });
+        tokio::task::spawn_blocking(move || started_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let paid = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |tx| {
+                        ledger::transfer(
+                            tx,
+                            &ledger::single("t", "paid", a, b, Currency::INR, Money::from_minor(5)),
+                        )
+                    })
+                    .await
+            }
+        });
+        while store.queued() < 1 {
+            tokio::task::yield_now().await;
+        }
+        let failed = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(|tx| {
+                        // The error is ignored, as a careless unit might.
+                        let _ = tx.query("SELECT no_such_column FROM accounts", &[]);
+                        Ok::<_, StoreError>(())
+                    })
+                    .await
+            }
+        });
+        while store.queued() < 2 {
+            tokio::task::yield_now().await;
+        }
+        open_tx.send(()).unwrap();
+
+        gate.await.unwrap().unwrap();
+        let paid = paid.await.unwrap();
+        assert!(paid.is_ok(), "{paid:?}");
+        let failed = failed.await.unwrap();
+        assert!(matches!(failed, Err(StoreError::Internal(_))), "{failed:?}");
+        let kept = store
+            .read(|tx| ledger::transfer_by_key(tx, "t", "paid"))
+            .await
+            .unwrap();
+        assert!(kept.is_some(), "a unit told it succeeded was not kept");
+        store.close().await;
+    }
 }
