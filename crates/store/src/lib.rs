@@ -38,6 +38,12 @@ pub use ledger::LedgerOpError;
 pub use seal::{MasterKey, Sealer};
 pub use tx::Tx;
 
+/// PostgreSQL: the advisory lock a node holds while it migrates the schema.
+pub const MIGRATION_LOCK: i64 = 7_405_319;
+
+/// PostgreSQL: how long a starting node waits for another node's migration.
+const MIGRATION_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 use conn::Conn;
 use tx::Deferred;
 use writer::{Connect, Job, Msg, Outcome, WriterConfig};
@@ -279,14 +285,22 @@ impl Store {
                 };
                 let mut first = postgres::PgConn::connect(&pg)?;
                 // Several nodes may start at once: one migrates, the others
-                // wait here and then find nothing left to do.
-                first.batch("SELECT pg_advisory_lock(7405319)")?;
+                // wait here and then find nothing left to do. The timeouts
+                // meant for requests would cut both the wait and a long
+                // migration short, so they are lifted here: the wait is
+                // bounded only by `MIGRATION_WAIT`.
+                first.batch(&format!(
+                    "SET statement_timeout = 0; SET lock_timeout = {}; SELECT pg_advisory_lock({MIGRATION_LOCK})",
+                    MIGRATION_WAIT.as_millis()
+                ))?;
                 let migrated =
                     migrate::run(&mut first, migrate::POSTGRES, opts.clock.now().millis())
                         .and_then(|()| {
                             check_master_key(&mut first, &Sealer::new(&opts.master_key))
                         });
-                first.batch("SELECT pg_advisory_unlock(7405319)")?;
+                first.batch(&format!(
+                    "SELECT pg_advisory_unlock({MIGRATION_LOCK}); RESET statement_timeout; RESET lock_timeout"
+                ))?;
                 migrated?;
                 let connect: Connect =
                     Arc::new(

@@ -1,0 +1,71 @@
+//! PostgreSQL: nodes that start at once wait for the one that migrates, for
+//! as long as its migration takes, whatever their request timeouts.
+
+mod common;
+
+use std::time::Duration;
+
+use payrail_store::testkit::TestDb;
+use payrail_store::{Location, MIGRATION_LOCK, Store};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_waits_out_another_nodes_migration() {
+    let db = TestDb::fresh();
+    let Location::Postgres(url) = db.location.clone() else {
+        return; // SQLite: one process owns the file; nothing to wait for.
+    };
+    // Another node is migrating: it holds the lock.
+    let (holder, url_for_node) = (url.clone(), url);
+    let holder = tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&holder, postgres::NoTls).unwrap();
+        c.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
+            .unwrap();
+        c
+    })
+    .await
+    .unwrap();
+
+    // A node whose request timeouts are far shorter than the migration.
+    let mut o = common::options(
+        Location::Postgres(url_for_node),
+        common::ManualClock::at(1_700_000_000_000),
+    );
+    o.postgres.lock_timeout = Duration::from_millis(10);
+    o.postgres.statement_timeout = Duration::from_millis(50);
+    let opening = tokio::spawn(Store::open(o));
+
+    // Once it is waiting for the lock, the migration still takes a while,
+    // then ends. (A node that gave
+    // up at once is never seen waiting; the deadline turns that into a
+    // failure below instead of a hang.)
+    tokio::task::spawn_blocking(move || {
+        let mut holder = holder;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            let waiting: i64 = holder
+                .query_one(
+                    "SELECT count(*) FROM pg_locks
+                      WHERE locktype = 'advisory' AND NOT granted
+                        AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        // The migration goes on well past both of the node's timeouts.
+        std::thread::sleep(Duration::from_millis(300));
+        holder
+            .batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
+            .unwrap();
+    })
+    .await
+    .unwrap();
+
+    let store = opening.await.unwrap();
+    assert!(store.is_ok(), "{:?}", store.err());
+    store.unwrap().close().await;
+}
