@@ -402,9 +402,9 @@ impl Store {
     /// answer is the commit's error, never a success that was not saved.
     ///
     /// `f` runs on the writer thread, synchronously: it must not block on
-    /// anything but the database. It may run more than once if the database
-    /// asks for a retry (PostgreSQL deadlocks), so it must not consume its
-    /// captures.
+    /// anything but the database. It may run more than once (after a lock
+    /// conflict, or when another unit of its batch fails and the batch runs
+    /// again), so it must not consume its captures.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnMut(&mut Tx<'_>) -> Result<T, E> + Send + 'static,

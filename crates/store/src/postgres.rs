@@ -253,7 +253,12 @@ impl Conn for PgConn {
 
     fn batch(&mut self, sql: &str) -> Result<(), DbError> {
         let result = self.client.batch_execute(sql);
-        self.aborted |= result.is_err();
+        match &result {
+            Err(_) => self.aborted = true,
+            // A read's transaction (see `Store::read`) starts clean.
+            Ok(()) if sql.starts_with("BEGIN") => self.aborted = false,
+            Ok(()) => {}
+        }
         result.map_err(classify)
     }
 

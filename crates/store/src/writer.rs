@@ -1,6 +1,6 @@
 //! Group commit: one writer thread per connection takes every unit of work
-//! waiting in the queue, runs them in one transaction (each inside its own
-//! savepoint) and commits once. A caller hears back only after that commit, so
+//! waiting in the queue, runs them in one transaction and commits once (see
+//! `try_batch` for when units get savepoints of their own). A caller hears back only after that commit, so
 //! every answer is durable, and one fsync serves the whole batch.
 //!
 //! Failures are sorted by what is known about the batch:
@@ -125,8 +125,9 @@ struct BatchFailure {
     settled: Vec<(Box<dyn Job>, Option<StoreError>)>,
     /// The error came while `COMMIT` was in flight.
     during_commit: bool,
-    /// A unit ran without a savepoint and failed after writing: nothing was
-    /// committed, and the batch must run again with savepoints.
+    /// A unit ran without a savepoint and failed after writing, or after a
+    /// database error: nothing was committed, and the batch must run again
+    /// with savepoints.
     redo_with_savepoints: bool,
 }
 
@@ -187,29 +188,35 @@ impl Writer {
         let started = Instant::now();
         let size = batch.len();
         self.seq += 1;
-        let result = match self.try_batch(batch, false) {
+        // Units set aside on a lock conflict before a rerun were in no batch
+        // that commits or fails now: they simply go to the next one.
+        let (result, later) = match self.try_batch(batch, false) {
             Err(f) if f.redo_with_savepoints => {
                 metrics::counter!("payrail_group_commit_redos_total").increment(1);
                 let settled = f
                     .settled
                     .into_iter()
                     .map(|(job, _)| Queued { job, attempts: 0 });
-                let later = f.retry;
-                match self.try_batch(f.units.into_iter().chain(settled).collect(), true) {
-                    Ok((done, mut retry)) => {
-                        retry.extend(later);
-                        Ok((done, retry))
-                    }
-                    Err(mut g) => {
-                        g.retry.extend(later);
-                        Err(g)
-                    }
-                }
+                let units = f.units.into_iter().chain(settled).collect();
+                (self.try_batch(units, true), f.retry)
             }
-            other => other,
+            other => (other, Vec::new()),
         };
         metrics::histogram!("payrail_group_commit_batch_size").record(size as f64);
         metrics::histogram!("payrail_group_commit_seconds").record(started.elapsed().as_secs_f64());
+        let mut again = self.settle(result, size);
+        again.extend(later);
+        again
+    }
+
+    /// Answers a batch's units, or sorts them for another run; returns
+    /// the units to run again.
+    #[allow(clippy::type_complexity)]
+    fn settle(
+        &mut self,
+        result: Result<(Vec<(Box<dyn Job>, Option<StoreError>)>, Vec<Queued>), BatchFailure>,
+        size: usize,
+    ) -> Vec<Queued> {
         let failure = match result {
             Ok((done, retry)) => {
                 metrics::counter!("payrail_ledger_commits_total").increment(1);
@@ -421,7 +428,7 @@ impl Writer {
                     Some(q)
                 };
                 return Err(BatchFailure {
-                    error: StoreError::Internal("a unit failed after writing".into()),
+                    error: StoreError::Internal("a unit failed without a savepoint".into()),
                     units: committed.into_iter().chain(unit).chain(rest).collect(),
                     retry,
                     settled,

@@ -1,7 +1,7 @@
 //! How the writer treats a unit that refuses, seen from outside: through how
 //! many times the unit runs and what it leaves behind.
 //!
-//! Units run without savepoints on SQLite; one that refuses after changing
+//! Units run without savepoints at first; one that refuses after changing
 //! data makes its batch run again with savepoints. One that changed nothing
 //! has nothing to undo and must run once: a replayed idempotency key (or a
 //! used orderid) is refused at the cost of one run, not of its whole batch.
