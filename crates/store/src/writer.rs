@@ -1,7 +1,8 @@
 //! Group commit: one writer thread per connection takes every unit of work
 //! waiting in the queue, runs them in one transaction and commits once (see
-//! `try_batch` for when units get savepoints of their own). A caller hears back only after that commit, so
-//! every answer is durable, and one fsync serves the whole batch.
+//! `try_batch` for when units get savepoints of their own). A caller hears
+//! back only after that commit, so every answer is durable, and one fsync
+//! serves the whole batch.
 //!
 //! Failures are sorted by what is known about the batch:
 //! - it surely did not commit (an error before `COMMIT` was sent): its units
