@@ -308,3 +308,47 @@ mod tests {
         );
     }
 }
+
+#[cfg(all(test, feature = "testkit"))]
+mod live {
+    use std::time::Duration;
+
+    use super::{PgConn, PgOptions};
+    use crate::conn::{Conn, Control};
+    use crate::testkit::{TestDb, postgres_admin_url};
+
+    /// PostgreSQL answers `COMMIT` in an aborted transaction with a silent
+    /// rollback; the connection must turn that into an error.
+    #[test]
+    fn commit_after_a_failed_statement_is_an_error_not_a_silent_rollback() {
+        let Some(admin) = postgres_admin_url() else {
+            return;
+        };
+        let db = TestDb::postgres(&admin);
+        let mut c = PgConn::connect(&PgOptions {
+            url: db.url.clone(),
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
+            lock_timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        c.batch("CREATE TABLE kept (n BIGINT)").unwrap();
+        let count = |c: &mut PgConn| {
+            c.query("SELECT count(*) FROM kept", &[]).unwrap()[0]
+                .int(0)
+                .unwrap()
+        };
+
+        c.control(Control::BeginWrite).unwrap();
+        c.execute("INSERT INTO kept (n) VALUES (1)", &[]).unwrap();
+        assert!(c.query("SELECT no_such_column FROM kept", &[]).is_err());
+        assert!(c.control(Control::Commit).is_err());
+        assert_eq!(count(&mut c), 0);
+
+        // The next transaction starts clean.
+        c.control(Control::BeginWrite).unwrap();
+        c.execute("INSERT INTO kept (n) VALUES (2)", &[]).unwrap();
+        c.control(Control::Commit).unwrap();
+        assert_eq!(count(&mut c), 1);
+    }
+}
