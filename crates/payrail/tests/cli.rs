@@ -134,3 +134,71 @@ async fn commands_call_a_server_and_verify_its_answers() {
     assert!(!ok);
     assert!(out.contains("\"304\""));
 }
+
+/// `payrail bench --wrk` signs debits ahead for wrk: every path must be one the
+/// server accepts once (unique orderids, even across the files of different
+/// wrk threads) and refuses when sent again.
+#[tokio::test]
+async fn bench_writes_wrk_debits_the_server_accepts_exactly_once() {
+    let s = support::Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("wrk");
+    let args: Vec<String> = [
+        "bench",
+        "--url",
+        s.base.as_str(),
+        "--wallets",
+        "7",
+        "--threads",
+        "2",
+        "--wrk-requests",
+        "15",
+        "--admin-token",
+        support::ADMIN_TOKEN,
+        "--wrk",
+        out_dir.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        payrail(&refs)
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}{err}");
+    let script = std::fs::read_to_string(out_dir.join("debit.lua")).unwrap();
+    let mut paths = Vec::new();
+    for t in 0..2 {
+        let file = out_dir.join(format!("debits-{t}.paths"));
+        assert!(
+            script.contains(&format!("\"{}\"", file.canonicalize().unwrap().display())),
+            "the script names {}",
+            file.display()
+        );
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(text.lines().count(), 15);
+        paths.extend(text.lines().map(str::to_string));
+    }
+    let orderid = |p: &str| {
+        p.split('&')
+            .find_map(|kv| kv.strip_prefix("orderid="))
+            .unwrap()
+            .to_string()
+    };
+    let unique: std::collections::HashSet<String> = paths.iter().map(|p| orderid(p)).collect();
+    assert_eq!(unique.len(), paths.len(), "orderids repeat");
+    let get = |path: &str| {
+        let url = s.url(path);
+        let http = s.http.clone();
+        async move {
+            let v: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            v["statuscode"].as_str().unwrap().to_string()
+        }
+    };
+    for p in &paths {
+        assert_eq!(get(p).await, "0", "{p}");
+    }
+    assert_eq!(get(&paths[0]).await, "304");
+    s.verify_ok().await;
+}

@@ -9,6 +9,7 @@
 
 mod load;
 mod report;
+mod wrk;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -77,6 +78,14 @@ pub struct BenchArgs {
     /// Write a chart of throughput and p99 across connection counts.
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// Instead of sending the load, set up the wallets on `--url` and write
+    /// a wrk script with signed debits to this directory, one file per
+    /// `--threads` (run wrk with that many threads).
+    #[arg(long, value_name = "DIR", requires = "url")]
+    wrk: Option<PathBuf>,
+    /// Signed debits per file with `--wrk`.
+    #[arg(long, default_value_t = 300_000)]
+    wrk_requests: usize,
 }
 
 /// A server the harness started, as a child process.
@@ -175,17 +184,13 @@ struct DebitLoad {
     secret: &'static [u8],
 }
 
-impl Workload for DebitLoad {
-    fn begin(&self) {
-        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    fn request(&self, conn: usize, n: u64, out: &mut Vec<u8>) {
+impl DebitLoad {
+    /// The signed path of debit `n` of connection `conn` in run `epoch`.
+    fn path(&self, epoch: u32, conn: usize, n: u64) -> String {
         // Different connections walk the wallets at different strides, so
         // concurrent debits rarely meet on one wallet unless there is one.
         let i = (conn as u64 * 7919 + n * 104_729) as usize % self.wallets.len();
         let (cell, token) = &self.wallets[i];
-        let epoch = self.epoch.load(std::sync::atomic::Ordering::Relaxed);
         let orderid = format!("B{:05x}E{epoch:02}C{conn:03}N{n:010}", self.run);
         let (amount, merchantname, mid, msgcode, txntype) = (
             "1.00",
@@ -208,12 +213,22 @@ impl Workload for DebitLoad {
                 txntype,
             ],
         );
+        format!(
+            "/debitwallet?mid={mid}&cell={cell}&amount={amount}&orderid={orderid}&token={token}&merchantname={merchantname}&msgcode={msgcode}&txntype={txntype}&checksum={sum}"
+        )
+    }
+}
+
+impl Workload for DebitLoad {
+    fn begin(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn request(&self, conn: usize, n: u64, out: &mut Vec<u8>) {
+        let epoch = self.epoch.load(std::sync::atomic::Ordering::Relaxed);
+        let path = self.path(epoch, conn, n);
         use std::io::Write;
-        let _ = write!(
-            out,
-            "GET /debitwallet?mid={mid}&cell={cell}&amount={amount}&orderid={orderid}&token={token}&merchantname={merchantname}&msgcode={msgcode}&txntype={txntype}&checksum={sum} HTTP/1.1\r\nHost: {}\r\n\r\n",
-            self.host
-        );
+        let _ = write!(out, "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
     }
 
     fn ok(&self, body: &[u8]) -> bool {
@@ -373,12 +388,6 @@ pub async fn run(args: BenchArgs) -> Result<bool, String> {
         None => base,
     };
     let (addr, host) = addr_of(&base)?;
-
-    let load_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
     let debit = Arc::new(DebitLoad {
         host: host.clone(),
         run: rand::random::<u32>() & 0xfffff,
@@ -386,6 +395,22 @@ pub async fn run(args: BenchArgs) -> Result<bool, String> {
         wallets: wallet_list,
         secret: fixtures::SECRET.as_bytes(),
     });
+    if let Some(dir) = &args.wrk {
+        let threads = args.threads.max(1);
+        let script = wrk::write(dir, &debit, threads, args.wrk_requests)?;
+        println!(
+            "wrote {threads} × {} signed debits; run for example:\n  wrk -t{threads} -c64 -d10s -s {} {base}\n  wrk -t{threads} -c64 -d10s {base}/healthz",
+            args.wrk_requests,
+            script.display()
+        );
+        return Ok(true);
+    }
+
+    let load_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
     let healthz = Arc::new(load::Healthz { host });
     let mut rows = Vec::new();
     for &c in &args.connections {
