@@ -52,6 +52,7 @@ async fn health_readiness_and_metrics() {
         "payrail_http_request_duration_seconds_bucket",
         "payrail_ledger_commits_total",
         "payrail_group_commit_batch_size_bucket",
+        "payrail_group_commit_queue_seconds_bucket",
     ] {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }

@@ -53,6 +53,9 @@ impl Watermarks {
 /// COMMIT failed (it still moves the watermark past its number, in order).
 pub(crate) struct Synced {
     pub seq: u64,
+    /// When its COMMIT returned: the wait from there to the fsync that
+    /// covers it is part of every caller's latency, and is measured.
+    pub committed: std::time::Instant,
     pub jobs: Vec<(Box<dyn Job>, Option<StoreError>)>,
 }
 
@@ -89,6 +92,10 @@ fn run(wal: &std::path::Path, rx: &flume::Receiver<Synced>, marks: &Watermarks) 
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         let started = std::time::Instant::now();
+        for s in &batch {
+            metrics::histogram!("payrail_sqlite_sync_wait_seconds")
+                .record(started.duration_since(s.committed).as_secs_f64());
+        }
         let synced = sync(wal, &mut file);
         metrics::histogram!("payrail_sqlite_fsync_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("payrail_sqlite_batches_per_fsync").record(batch.len() as f64);

@@ -194,6 +194,9 @@ struct ClosureJob<F, T, E> {
     f: F,
     result: Option<Result<T, E>>,
     reply: oneshot::Sender<Result<T, E>>,
+    /// When it was queued; the wait until a batch first runs it is measured.
+    queued: std::time::Instant,
+    ran: bool,
 }
 
 impl<F, T, E> Job for ClosureJob<F, T, E>
@@ -203,6 +206,10 @@ where
     E: From<StoreError> + Send,
 {
     fn run(&mut self, tx: &mut Tx<'_>) -> Outcome {
+        if !std::mem::replace(&mut self.ran, true) {
+            metrics::histogram!("payrail_group_commit_queue_seconds")
+                .record(self.queued.elapsed().as_secs_f64());
+        }
         self.result = None;
         let r = (self.f)(tx);
         let outcome = if r.is_ok() {
@@ -460,6 +467,8 @@ impl Store {
             f,
             result: None,
             reply,
+            queued: std::time::Instant::now(),
+            ran: false,
         });
         if self.inner.queues[queue]
             .send_async(Msg::Job(job))

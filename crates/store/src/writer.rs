@@ -223,6 +223,7 @@ impl Writer {
                 metrics::counter!("payrail_ledger_commits_total").increment(1);
                 match &self.cfg.pipeline {
                     Some((syncer, _)) => syncer.submit(crate::durable::Synced {
+                        committed: Instant::now(),
                         seq: self.seq as u64,
                         jobs: done,
                     }),
@@ -239,6 +240,7 @@ impl Writer {
         if let Some((syncer, _)) = &self.cfg.pipeline {
             // Nothing of this batch is visible; keep the watermark moving, in order.
             syncer.submit(crate::durable::Synced {
+                committed: Instant::now(),
                 seq: self.seq as u64,
                 jobs: Vec::new(),
             });
