@@ -135,18 +135,19 @@ async fn commands_call_a_server_and_verify_its_answers() {
     assert!(out.contains("\"304\""));
 }
 
-/// `payrail bench --wrk` signs debits ahead for wrk: every path must be one the
-/// server accepts once (unique orderids, even across the files of different
-/// wrk threads) and refuses when sent again.
-#[tokio::test]
-async fn bench_writes_wrk_debits_the_server_accepts_exactly_once() {
-    let s = support::Server::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let out_dir = dir.path().join("wrk");
+/// Is `bin` an executable on `PATH`?
+fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+}
+
+/// `payrail bench --wrk` into `dir` against `base`: the script and the paths
+/// of its two files.
+async fn write_wrk_set(base: &str, dir: &std::path::Path) -> (String, Vec<String>) {
     let args: Vec<String> = [
         "bench",
         "--url",
-        s.base.as_str(),
+        base,
         "--wallets",
         "7",
         "--threads",
@@ -156,7 +157,7 @@ async fn bench_writes_wrk_debits_the_server_accepts_exactly_once() {
         "--admin-token",
         support::ADMIN_TOKEN,
         "--wrk",
-        out_dir.to_str().unwrap(),
+        dir.to_str().unwrap(),
     ]
     .map(String::from)
     .to_vec();
@@ -167,10 +168,10 @@ async fn bench_writes_wrk_debits_the_server_accepts_exactly_once() {
     .await
     .unwrap();
     assert!(ok, "{out}{err}");
-    let script = std::fs::read_to_string(out_dir.join("debit.lua")).unwrap();
+    let script = std::fs::read_to_string(dir.join("debit.lua")).unwrap();
     let mut paths = Vec::new();
     for t in 0..2 {
-        let file = out_dir.join(format!("debits-{t}.paths"));
+        let file = dir.join(format!("debits-{t}.paths"));
         assert!(
             script.contains(&format!("\"{}\"", file.canonicalize().unwrap().display())),
             "the script names {}",
@@ -180,12 +181,25 @@ async fn bench_writes_wrk_debits_the_server_accepts_exactly_once() {
         assert_eq!(text.lines().count(), 15);
         paths.extend(text.lines().map(str::to_string));
     }
-    let orderid = |p: &str| {
-        p.split('&')
-            .find_map(|kv| kv.strip_prefix("orderid="))
-            .unwrap()
-            .to_string()
-    };
+    (script, paths)
+}
+
+fn orderid(path: &str) -> String {
+    path.split('&')
+        .find_map(|kv| kv.strip_prefix("orderid="))
+        .unwrap()
+        .to_string()
+}
+
+/// `payrail bench --wrk` signs debits ahead for wrk: every path must be one the
+/// server accepts once (unique orderids, across the files of different wrk
+/// threads and across sets) and refuses when sent again; and the script must
+/// send each once and count everything else as not SUCCESS.
+#[tokio::test]
+async fn bench_writes_wrk_debits_the_server_accepts_exactly_once() {
+    let s = support::Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, paths) = write_wrk_set(&s.base, &dir.path().join("one")).await;
     let unique: std::collections::HashSet<String> = paths.iter().map(|p| orderid(p)).collect();
     assert_eq!(unique.len(), paths.len(), "orderids repeat");
     let get = |path: &str| {
@@ -200,5 +214,53 @@ async fn bench_writes_wrk_debits_the_server_accepts_exactly_once() {
         assert_eq!(get(p).await, "0", "{p}");
     }
     assert_eq!(get(&paths[0]).await, "304");
+
+    // A second set against the same server shares no orderid with the first.
+    let second_dir = dir.path().join("two");
+    let (script, second) = write_wrk_set(&s.base, &second_dir).await;
+    assert!(second.iter().all(|p| !unique.contains(&orderid(p))));
+
+    // The script, sent by wrk (`scripts/test` installs it and sets
+    // PAYRAIL_REQUIRE_WRK=1). Two connections for two seconds send far more
+    // than the 30 paths, so the files wrap: the 30 succeed, the repeats are
+    // refused and counted.
+    if on_path("wrk") {
+        let (url, script_path) = (s.base.clone(), second_dir.join("debit.lua"));
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("wrk")
+                .args(["-t2", "-c2", "-d2s", "-s"])
+                .arg(&script_path)
+                .arg(&url)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let counts: Vec<u64> = text
+            .lines()
+            .find_map(|l| l.strip_prefix("debits not SUCCESS: "))
+            .unwrap_or_else(|| panic!("no count from the script:\n{text}\n{script}"))
+            .split(" of ")
+            .map(|n| n.trim().parse().unwrap())
+            .collect();
+        let (refused, sent) = (counts[0], counts[1]);
+        assert_eq!(sent - refused, sent.min(30), "{text}");
+        for p in second.iter().filter(|_| sent >= 30) {
+            assert_eq!(get(p).await, "304", "wrk sent {p} (or it never succeeded)");
+        }
+    } else {
+        assert_ne!(
+            std::env::var("PAYRAIL_REQUIRE_WRK").as_deref(),
+            Ok("1"),
+            "PAYRAIL_REQUIRE_WRK=1 but wrk is not on PATH"
+        );
+        eprintln!("wrk is not installed: the script itself was not run");
+    }
     s.verify_ok().await;
 }

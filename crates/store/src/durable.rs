@@ -92,7 +92,8 @@ fn run(wal: &std::path::Path, rx: &flume::Receiver<Synced>, marks: &Watermarks) 
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         let started = std::time::Instant::now();
-        for s in &batch {
+        // Rolled-back batches (no jobs) only move the watermark: not counted.
+        for s in batch.iter().filter(|s| !s.jobs.is_empty()) {
             metrics::histogram!("payrail_sqlite_sync_wait_seconds")
                 .record(started.duration_since(s.committed).as_secs_f64());
         }

@@ -194,7 +194,8 @@ struct ClosureJob<F, T, E> {
     f: F,
     result: Option<Result<T, E>>,
     reply: oneshot::Sender<Result<T, E>>,
-    /// When it was queued; the wait until a batch first runs it is measured.
+    /// When it was queued; the wait until a batch first runs it (behind the
+    /// units before it in that batch) is measured.
     queued: std::time::Instant,
     ran: bool,
 }

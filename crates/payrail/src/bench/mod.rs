@@ -80,12 +80,13 @@ pub struct BenchArgs {
     svg: Option<PathBuf>,
     /// Instead of sending the load, set up the wallets on `--url` and write
     /// a wrk script with signed debits to this directory, one file per
-    /// `--threads` (run wrk with that many threads).
+    /// `--threads` (run wrk with that many threads). The settings of the
+    /// harness's own runs (connections, durations, JSON, SVG) do not apply.
     #[arg(long, value_name = "DIR", requires = "url")]
     wrk: Option<PathBuf>,
     /// Signed debits per file with `--wrk`.
-    #[arg(long, default_value_t = 300_000)]
-    wrk_requests: usize,
+    #[arg(long, default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(1..))]
+    wrk_requests: u64,
 }
 
 /// A server the harness started, as a child process.
@@ -177,7 +178,9 @@ impl Drop for OwnServer {
 /// Signed `/debitwallet` requests with unique orderids, spread over wallets.
 struct DebitLoad {
     host: String,
-    run: u32,
+    /// Random, part of each orderid: keeps runs against one server apart
+    /// (40 bits: two runs share orderids about once in 10^12).
+    run: u64,
     /// Bumped before every run: part of each orderid.
     epoch: std::sync::atomic::AtomicU32,
     wallets: Vec<(String, String)>,
@@ -191,7 +194,9 @@ impl DebitLoad {
         // concurrent debits rarely meet on one wallet unless there is one.
         let i = (conn as u64 * 7919 + n * 104_729) as usize % self.wallets.len();
         let (cell, token) = &self.wallets[i];
-        let orderid = format!("B{:05x}E{epoch:02}C{conn:03}N{n:010}", self.run);
+        // 28 characters, and no more than 30 (the limit) with up to 9,999
+        // connections, 999 runs and 10^9 debits per connection.
+        let orderid = format!("B{:010x}E{epoch:02}C{conn:03}N{n:09}", self.run);
         let (amount, merchantname, mid, msgcode, txntype) = (
             "1.00",
             fixtures::MERCHANT_NAME,
@@ -390,7 +395,7 @@ pub async fn run(args: BenchArgs) -> Result<bool, String> {
     let (addr, host) = addr_of(&base)?;
     let debit = Arc::new(DebitLoad {
         host: host.clone(),
-        run: rand::random::<u32>() & 0xfffff,
+        run: rand::random::<u64>() & 0xff_ffff_ffff,
         epoch: Default::default(),
         wallets: wallet_list,
         secret: fixtures::SECRET.as_bytes(),

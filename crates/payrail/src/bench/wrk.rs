@@ -64,12 +64,13 @@ pub fn write(
     dir: &Path,
     load: &DebitLoad,
     threads: usize,
-    per_thread: usize,
+    per_thread: u64,
 ) -> Result<std::path::PathBuf, String> {
     let err = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
     std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
     let dir = dir.canonicalize().map_err(|e| err(dir, e))?;
-    // A fresh epoch: orderids differ from every earlier run with this tag.
+    // Orderids: this run's random tag, a fresh epoch, the file's number and
+    // the line's; so no two lines of any files share one.
     load.begin();
     let epoch = load.epoch.load(std::sync::atomic::Ordering::SeqCst);
     let mut files = Vec::with_capacity(threads);
@@ -77,7 +78,7 @@ pub fn write(
         let path = dir.join(format!("debits-{t}.paths"));
         let file = std::fs::File::create(&path).map_err(|e| err(&path, e))?;
         let mut out = std::io::BufWriter::new(file);
-        for n in 0..per_thread as u64 {
+        for n in 0..per_thread {
             writeln!(out, "{}", load.path(epoch, t, n)).map_err(|e| err(&path, e))?;
         }
         out.flush().map_err(|e| err(&path, e))?;
