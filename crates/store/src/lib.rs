@@ -235,6 +235,12 @@ where
     }
 }
 
+/// How long a writer keeps trying to learn whether a COMMIT whose answer was
+/// lost took effect, while that batch's callers wait. The outcome is known as
+/// soon as the database is back, and a restart or a failover takes seconds to
+/// a minute; only past this are the callers told it failed without knowing.
+const OUTCOME_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Store {
     /// Opens (creating and migrating if needed) the store at `opts.location`.
     pub async fn open(opts: Options) -> Result<Store, StoreError> {
@@ -356,7 +362,7 @@ impl Store {
             sandbox_clock: opts.sandbox_clock,
             sealer: sealer.clone(),
             connect: connect_writer,
-            outcome_wait: opts.postgres.statement_timeout * 2,
+            outcome_wait: OUTCOME_WAIT.max(opts.postgres.statement_timeout * 2),
             pipeline,
         });
         let writer_count = writer_conns.len();

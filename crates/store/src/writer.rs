@@ -79,6 +79,8 @@ pub(crate) fn run(conn: Option<Box<dyn Conn>>, rx: flume::Receiver<Msg>, cfg: Ar
         down_until: None,
         id: rand::random_range(1..i64::MAX),
         seq: 0,
+        rx: rx.clone(),
+        stop_seen: false,
     };
     if let Some(c) = conn {
         w.adopt(c);
@@ -104,6 +106,7 @@ pub(crate) fn run(conn: Option<Box<dyn Conn>>, rx: flume::Receiver<Msg>, cfg: Ar
         }
         let batch = std::mem::take(&mut carry);
         carry = w.run_batch(batch);
+        stopping |= w.stop_seen;
     }
     // Whoever closes the database last checkpoints it; make sure that
     // checkpoint syncs even if it is this connection.
@@ -140,6 +143,10 @@ struct Writer {
     id: i64,
     /// Number of this writer's last batch.
     seq: i64,
+    /// The queue, for units that arrive while a COMMIT's outcome is learned.
+    rx: flume::Receiver<Msg>,
+    /// A `Stop` was taken from the queue outside the main loop.
+    stop_seen: bool,
 }
 
 impl Writer {
@@ -302,11 +309,41 @@ impl Writer {
         again
     }
 
+    /// Fails every unit waiting in the queue, none of which has run.
+    fn fail_queued(&mut self) {
+        while let Ok(msg) = self.rx.try_recv() {
+            self.refuse(msg);
+        }
+    }
+
+    /// A message that arrived while a COMMIT's outcome is learned.
+    fn refuse(&mut self, msg: Msg) {
+        match msg {
+            Msg::Job(job) => job.finish(Err(StoreError::Unavailable(
+                "database unreachable (a commit's outcome is being learned)".into(),
+            ))),
+            Msg::Stop => self.stop_seen = true,
+        }
+    }
+
     /// After a COMMIT whose answer was lost: did it commit? Reads this
-    /// writer's marker on a new connection, for up to `outcome_wait`.
+    /// writer's marker on a new connection, for up to `outcome_wait` or
+    /// until the store stops.
+    ///
+    /// The batch's callers wait for the answer, because telling them
+    /// "failed" about work that was kept would invite a second charge. Units
+    /// queued meanwhile have not run, so they fail at once, as everywhere
+    /// else while the database is down, instead of waiting behind them.
     fn committed_after_all(&mut self) -> bool {
         let deadline = Instant::now() + self.cfg.outcome_wait;
         loop {
+            self.fail_queued();
+            if self.stop_seen {
+                tracing::error!(
+                    "stopping with a COMMIT's outcome unknown; its callers are told it failed"
+                );
+                return false;
+            }
             match (self.cfg.connect)() {
                 Ok(mut c) => {
                     let marker = c.query(
@@ -329,7 +366,14 @@ impl Writer {
                 tracing::error!("a COMMIT's outcome is unknown; its callers are told it failed");
                 return false;
             }
-            std::thread::sleep(RECONNECT_BACKOFF);
+            // Back off before the next attempt, failing units as they come.
+            let retry_at = Instant::now() + RECONNECT_BACKOFF;
+            while !self.stop_seen {
+                match self.rx.recv_deadline(retry_at) {
+                    Ok(msg) => self.refuse(msg),
+                    Err(_) => break,
+                }
+            }
         }
     }
 
@@ -649,5 +693,171 @@ mod tests {
             .unwrap();
         assert!(kept.is_some(), "a unit told it succeeded was not kept");
         store.close().await;
+    }
+}
+
+/// The writer against a scripted PostgreSQL connection, for what a real
+/// server cannot be made to do on cue: lose the answer to a `COMMIT` that
+/// took effect, then stay unreachable.
+#[cfg(test)]
+mod lost_commit {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::{Arc, mpsc};
+    use std::time::Duration;
+
+    use payrail_core::SystemClock;
+
+    use super::*;
+    use crate::conn::{Param, Row, Value};
+    use crate::seal::MasterKey;
+
+    /// What the scripted server holds.
+    #[derive(Default)]
+    struct Server {
+        /// Refuses connections (and breaks open ones) while set.
+        down: AtomicBool,
+        /// The next `COMMIT` takes effect, but its answer is lost and the
+        /// server goes down.
+        lose_next_commit: AtomicBool,
+        /// The writer's marker row, as committed, and as its open batch set it.
+        marker: AtomicI64,
+        pending_marker: AtomicI64,
+    }
+
+    struct FakeConn(Arc<Server>);
+
+    fn gone() -> DbError {
+        DbError::new(DbErrorKind::Unavailable, "connection closed")
+    }
+
+    impl Conn for FakeConn {
+        fn dialect(&self) -> Dialect {
+            Dialect::Postgres
+        }
+
+        fn execute(&mut self, sql: &'static str, params: &[Param<'_>]) -> Result<u64, DbError> {
+            if self.0.down.load(Ordering::SeqCst) {
+                return Err(gone());
+            }
+            if sql.starts_with("UPDATE payrail_writers")
+                && let Some(Param::Int(seq)) = params.get(1)
+            {
+                self.0.pending_marker.store(*seq, Ordering::SeqCst);
+            }
+            Ok(1)
+        }
+
+        fn query(&mut self, _: &'static str, _: &[Param<'_>]) -> Result<Vec<Row>, DbError> {
+            if self.0.down.load(Ordering::SeqCst) {
+                return Err(gone());
+            }
+            Ok(vec![Row(vec![Value::Int(
+                self.0.marker.load(Ordering::SeqCst),
+            )])])
+        }
+
+        fn insert_id(&mut self, _: &'static str, _: &[Param<'_>]) -> Result<Option<i64>, DbError> {
+            Ok(Some(1))
+        }
+
+        fn batch(&mut self, _: &str) -> Result<(), DbError> {
+            Ok(())
+        }
+
+        fn control(&mut self, c: Control) -> Result<(), DbError> {
+            if self.0.down.load(Ordering::SeqCst) {
+                return Err(gone());
+            }
+            if c == Control::Commit {
+                let seq = self.0.pending_marker.load(Ordering::SeqCst);
+                self.0.marker.store(seq, Ordering::SeqCst);
+                if self.0.lose_next_commit.swap(false, Ordering::SeqCst) {
+                    self.0.down.store(true, Ordering::SeqCst);
+                    return Err(gone());
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// A unit that writes nothing itself and reports how it ended.
+    struct Probe(mpsc::Sender<Result<(), StoreError>>);
+
+    impl Job for Probe {
+        fn run(&mut self, _: &mut Tx<'_>) -> Outcome {
+            Outcome::Commit
+        }
+
+        fn finish(self: Box<Self>, durable: Result<(), StoreError>) {
+            let _ = self.0.send(durable);
+        }
+    }
+
+    fn probe(queue: &flume::Sender<Msg>) -> mpsc::Receiver<Result<(), StoreError>> {
+        let (tx, rx) = mpsc::channel();
+        queue.send(Msg::Job(Box::new(Probe(tx)))).unwrap();
+        rx
+    }
+
+    /// Only a hang guard: every wait below ends on an event.
+    const GUARD: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn a_commit_whose_answer_is_lost_is_answered_truly_once_known_and_blocks_nobody_meanwhile() {
+        let server = Arc::new(Server::default());
+        let connect: Connect = {
+            let server = Arc::clone(&server);
+            Arc::new(move || {
+                if server.down.load(Ordering::SeqCst) {
+                    Err(gone())
+                } else {
+                    Ok(Box::new(FakeConn(Arc::clone(&server))) as Box<dyn Conn>)
+                }
+            })
+        };
+        let cfg = Arc::new(WriterConfig {
+            max_batch: 16,
+            max_attempts: 5,
+            clock: Arc::new(SystemClock),
+            sandbox_clock: false,
+            sealer: Sealer::new(&MasterKey::from_bytes([7; 32])),
+            connect,
+            outcome_wait: GUARD * 2,
+            pipeline: None,
+        });
+        let (queue, rx) = flume::unbounded();
+        let writer = std::thread::spawn(move || run(None, rx, cfg));
+
+        // A batch that commits normally.
+        assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
+
+        // The next one commits, but the answer is lost and the server is down.
+        server.lose_next_commit.store(true, Ordering::SeqCst);
+        let in_doubt = probe(&queue);
+        while !server.down.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // Work queued meanwhile has not run: it fails at once, and the
+        // batch in doubt is not answered while its outcome is unknown.
+        for _ in 0..3 {
+            let answer = probe(&queue).recv_timeout(GUARD).unwrap();
+            assert!(
+                matches!(answer, Err(StoreError::Unavailable(_))),
+                "{answer:?}"
+            );
+        }
+        assert!(
+            in_doubt.try_recv().is_err(),
+            "answered before its outcome was known"
+        );
+
+        // The server is back: the marker shows the batch committed.
+        server.down.store(false, Ordering::SeqCst);
+        let answer = in_doubt.recv_timeout(GUARD).unwrap();
+        assert!(answer.is_ok(), "a kept batch was told {answer:?}");
+        assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
+
+        queue.send(Msg::Stop).unwrap();
+        writer.join().unwrap();
     }
 }
