@@ -236,9 +236,10 @@ where
 }
 
 /// How long a writer keeps trying to learn whether a COMMIT whose answer was
-/// lost took effect, while that batch's callers wait. The outcome is known as
-/// soon as the database is back, and a restart or a failover takes seconds to
-/// a minute; only past this are the callers told it failed without knowing.
+/// lost took effect, while that batch's callers wait. The outcome is known
+/// once the database is back, and a restart or a failover takes seconds to a
+/// minute; only past this (or when the store stops) are the callers told it
+/// failed without knowing.
 const OUTCOME_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Store {
@@ -525,8 +526,9 @@ impl Store {
             .await
     }
 
-    /// Stops taking work, commits everything already queued, and waits for
-    /// the writers to finish.
+    /// Stops taking work, commits everything already queued (unless a
+    /// writer is learning a lost COMMIT's outcome: then its queue fails, as
+    /// it would with the database down), and waits for the writers to finish.
     pub async fn close(&self) {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return;

@@ -86,10 +86,9 @@ pub(crate) fn run(conn: Option<Box<dyn Conn>>, rx: flume::Receiver<Msg>, cfg: Ar
         w.adopt(c);
     }
     let mut carry: Vec<Queued> = Vec::new();
-    let mut stopping = false;
     loop {
         if carry.is_empty() {
-            if stopping {
+            if w.stop_seen {
                 break;
             }
             match rx.recv() {
@@ -97,16 +96,15 @@ pub(crate) fn run(conn: Option<Box<dyn Conn>>, rx: flume::Receiver<Msg>, cfg: Ar
                 Ok(Msg::Stop) | Err(_) => break,
             }
         }
-        while !stopping && carry.len() < w.cfg.max_batch {
+        while !w.stop_seen && carry.len() < w.cfg.max_batch {
             match rx.try_recv() {
                 Ok(Msg::Job(job)) => carry.push(Queued { job, attempts: 0 }),
-                Ok(Msg::Stop) => stopping = true,
+                Ok(Msg::Stop) => w.stop_seen = true,
                 Err(_) => break,
             }
         }
         let batch = std::mem::take(&mut carry);
         carry = w.run_batch(batch);
-        stopping |= w.stop_seen;
     }
     // Whoever closes the database last checkpoints it; make sure that
     // checkpoint syncs even if it is this connection.
@@ -145,7 +143,8 @@ struct Writer {
     seq: i64,
     /// The queue, for units that arrive while a COMMIT's outcome is learned.
     rx: flume::Receiver<Msg>,
-    /// A `Stop` was taken from the queue outside the main loop.
+    /// A `Stop` was taken from the queue, or every sender is gone: finish
+    /// what is in hand and end.
     stop_seen: bool,
 }
 
@@ -327,8 +326,8 @@ impl Writer {
     }
 
     /// After a COMMIT whose answer was lost: did it commit? Reads this
-    /// writer's marker on a new connection, for up to `outcome_wait` or
-    /// until the store stops.
+    /// writer's marker on a new connection, for up to `outcome_wait`; once
+    /// the store is stopping, one more try.
     ///
     /// The batch's callers wait for the answer, because telling them
     /// "failed" about work that was kept would invite a second charge. Units
@@ -337,13 +336,6 @@ impl Writer {
     fn committed_after_all(&mut self) -> bool {
         let deadline = Instant::now() + self.cfg.outcome_wait;
         loop {
-            self.fail_queued();
-            if self.stop_seen {
-                tracing::error!(
-                    "stopping with a COMMIT's outcome unknown; its callers are told it failed"
-                );
-                return false;
-            }
             match (self.cfg.connect)() {
                 Ok(mut c) => {
                     let marker = c.query(
@@ -362,16 +354,18 @@ impl Writer {
                     tracing::warn!(error = %e, "cannot reconnect to learn a COMMIT's outcome yet")
                 }
             }
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline || self.stop_seen {
                 tracing::error!("a COMMIT's outcome is unknown; its callers are told it failed");
                 return false;
             }
-            // Back off before the next attempt, failing units as they come.
+            // Back off before the next try, failing units as they come.
+            self.fail_queued();
             let retry_at = Instant::now() + RECONNECT_BACKOFF;
             while !self.stop_seen {
                 match self.rx.recv_deadline(retry_at) {
                     Ok(msg) => self.refuse(msg),
-                    Err(_) => break,
+                    Err(flume::RecvTimeoutError::Timeout) => break,
+                    Err(flume::RecvTimeoutError::Disconnected) => self.stop_seen = true,
                 }
             }
         }
@@ -802,8 +796,8 @@ mod lost_commit {
     /// Only a hang guard: every wait below ends on an event.
     const GUARD: Duration = Duration::from_secs(30);
 
-    #[test]
-    fn a_commit_whose_answer_is_lost_is_answered_truly_once_known_and_blocks_nobody_meanwhile() {
+    /// A writer on the scripted server, and its queue.
+    fn start() -> (Arc<Server>, flume::Sender<Msg>, std::thread::JoinHandle<()>) {
         let server = Arc::new(Server::default());
         let connect: Connect = {
             let server = Arc::clone(&server);
@@ -822,21 +816,35 @@ mod lost_commit {
             sandbox_clock: false,
             sealer: Sealer::new(&MasterKey::from_bytes([7; 32])),
             connect,
+            // Longer than any wait below: an answer that comes at all came
+            // before the writer gave up on its own.
             outcome_wait: GUARD * 2,
             pipeline: None,
         });
         let (queue, rx) = flume::unbounded();
         let writer = std::thread::spawn(move || run(None, rx, cfg));
+        (server, queue, writer)
+    }
 
-        // A batch that commits normally.
-        assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
-
-        // The next one commits, but the answer is lost and the server is down.
+    /// Commits one batch normally, then one whose answer is lost, after
+    /// which the server stays down; returns that batch's answer channel.
+    fn lose_a_commit(
+        server: &Server,
+        queue: &flume::Sender<Msg>,
+    ) -> mpsc::Receiver<Result<(), StoreError>> {
+        assert!(probe(queue).recv_timeout(GUARD).unwrap().is_ok());
         server.lose_next_commit.store(true, Ordering::SeqCst);
-        let in_doubt = probe(&queue);
+        let in_doubt = probe(queue);
         while !server.down.load(Ordering::SeqCst) {
             std::thread::yield_now();
         }
+        in_doubt
+    }
+
+    #[test]
+    fn a_commit_whose_answer_is_lost_is_answered_truly_once_known_and_blocks_nobody_meanwhile() {
+        let (server, queue, writer) = start();
+        let in_doubt = lose_a_commit(&server, &queue);
         // Work queued meanwhile has not run: it fails at once, and the
         // batch in doubt is not answered while its outcome is unknown.
         for _ in 0..3 {
@@ -858,6 +866,30 @@ mod lost_commit {
         assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
 
         queue.send(Msg::Stop).unwrap();
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_stop_while_the_database_is_down_ends_the_wait() {
+        let (server, queue, writer) = start();
+        let in_doubt = lose_a_commit(&server, &queue);
+        queue.send(Msg::Stop).unwrap();
+        let answer = in_doubt.recv_timeout(GUARD).unwrap();
+        assert!(
+            matches!(answer, Err(StoreError::Unavailable(_))),
+            "{answer:?}"
+        );
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_stop_still_reads_the_outcome_once_more() {
+        let (server, queue, writer) = start();
+        let in_doubt = lose_a_commit(&server, &queue);
+        server.down.store(false, Ordering::SeqCst);
+        queue.send(Msg::Stop).unwrap();
+        let answer = in_doubt.recv_timeout(GUARD).unwrap();
+        assert!(answer.is_ok(), "a kept batch was told {answer:?}");
         writer.join().unwrap();
     }
 }
