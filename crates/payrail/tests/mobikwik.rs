@@ -26,6 +26,15 @@ fn assert_code(r: &WalletResponse, code: &str) {
     assert_eq!(r.get("status"), status, "{r:?}");
 }
 
+/// A refusal sent before the request's checksum verified: it must carry no
+/// checksum, or the server would sign text the sender chose.
+async fn refused_unsigned(c: &Client, req: &SignedRequest, code: &str) -> WalletResponse {
+    let r = c.send(req).await.expect("request");
+    assert_code(&r, code);
+    assert_eq!(r.get("checksum"), "", "{r:?}");
+    r
+}
+
 fn seed_debit(c: &Client, orderid: &str, coupon: Option<&'static str>) -> SignedRequest {
     let mut d = Debit::new(RICH, "150.50", orderid, TOKEN);
     d.comment = Some("Payment for order");
@@ -184,15 +193,14 @@ async fn any_one_character_change_to_a_signed_parameter_is_refused() {
             let r = c.send(&req).await.unwrap();
             assert_eq!((r.statuscode(), r.get("checksum")), ("22", ""));
         } else {
-            let r = send(&c, &req).await;
-            assert_code(&r, "80");
+            let r = refused_unsigned(&c, &req, "80").await;
             assert_eq!(r.get("statusdescription"), "Checksum Mismatch");
         }
     }
     // Dropping the optional comment is a change too.
     let mut req = original.clone();
     req.remove("comment");
-    assert_code(&send(&c, &req).await, "80");
+    refused_unsigned(&c, &req, "80").await;
     // couponcode is not signed (as the seed says): changing it is not tampering.
     let mut req = original.clone();
     req.set("couponcode", "SAVE20");
@@ -249,6 +257,34 @@ async fn get_and_post_are_the_same_and_xml_on_request() {
     assert_eq!(s.wallet_balance(RICH).await, "9978.50");
 }
 
+/// Requests and answers are signed with the same key and quoting, so an
+/// answer to a request that did not verify must not be signed: it repeats
+/// fields the sender chose, and its checksum could serve as a request's.
+#[tokio::test]
+async fn no_answer_to_an_unverified_request_is_signed() {
+    let s = Server::start().await;
+    let c = s.client();
+    let wrong = Client::new(&s.base, MID, "TestMerchant", "not-the-secret");
+    // The forgery a signed refusal would allow: fields that quote a debit.
+    let crafted = format!("y''TestMerchant''{MID}''504''ORDER12345''{TOKEN}''DEBIT");
+    let requests = [
+        wrong.otp_generate_request(RICH, "1"),
+        wrong.token_from_otp_request(RICH, "1", "123456"),
+        wrong.regenerate_with_cap_request(RICH, "200", TOKEN),
+        wrong.regenerate_request(RICH, TOKEN),
+        wrong.debit_request(&Debit::new(RICH, "1", "UNSIGNED_0001", TOKEN)),
+        wrong.balance_request(RICH, TOKEN),
+        wrong.query_wallet_request(RICH),
+        wrong.check_status_request("UNSIGNED_0001", None),
+        wrong.refund_request(&crafted, "100''9311032820''x", "1", false),
+    ];
+    for req in &requests {
+        refused_unsigned(&c, req, "80").await;
+    }
+    // And nothing moved.
+    assert_eq!(s.wallet_balance(RICH).await, "10000.00");
+}
+
 #[tokio::test]
 async fn every_debit_check_in_order() {
     let s = Server::start().await;
@@ -262,11 +298,7 @@ async fn every_debit_check_in_order() {
     assert_eq!(r.get("statusdescription"), "Merchant does not Exist");
     // 80: wrong secret.
     let wrong = Client::new(&s.base, MID, "TestMerchant", "not-the-secret");
-    let r = c
-        .send(&wrong.debit_request(&d("1", "CHECKS_00001")))
-        .await
-        .unwrap();
-    assert_code(&r, "80");
+    refused_unsigned(&c, &wrong.debit_request(&d("1", "CHECKS_00001")), "80").await;
     // 150: msgcode.
     let mut bad = d("1", "CHECKS_00001");
     bad.msgcode = "999";
@@ -435,7 +467,7 @@ async fn aggregators_sign_their_id_last() {
     // The id is signed: changing it breaks the checksum...
     let mut req = agg.debit_request(&Debit::new(RICH, "2", "AGGREGATE_002", TOKEN));
     req.set("aggregatedMerchantId", "AGG124");
-    assert_code(&send(&agg, &req).await, "80");
+    refused_unsigned(&agg, &req, "80").await;
     // ...and an id the merchant does not aggregate for is refused.
     let stranger = s.client().with_aggregator("AGG999");
     assert_code(
@@ -502,10 +534,10 @@ async fn otp_then_token_then_debit() {
     assert_code(&send(&c, &req).await, "0");
     let mut both = c.token_from_otp_request(POOR, "1", "123456");
     both.set("token", &token);
-    assert_code(&send(&c, &both).await, "200");
+    refused_unsigned(&c, &both, "200").await;
     let mut neither = c.token_from_otp_request(POOR, "1", "123456");
     neither.remove("otp");
-    assert_code(&send(&c, &neither).await, "190");
+    refused_unsigned(&c, &neither, "190").await;
     // 120: no wallet for the cell.
     let stranger = cell(2);
     assert_code(
@@ -699,12 +731,8 @@ async fn a_separate_regeneration_secret() {
         .await;
     let token = v["token"].as_str().unwrap().to_string();
     let plain = Client::new(&s.base, "MBK7000", "Other", "main-secret-123");
-    // Signed with the main secret: refused; the answer is signed with the regeneration secret.
-    let r = plain
-        .send(&plain.regenerate_request(&w, &token))
-        .await
-        .unwrap();
-    assert_eq!(r.statuscode(), "80");
+    // Signed with the main secret: refused, unsigned.
+    refused_unsigned(&plain, &plain.regenerate_request(&w, &token), "80").await;
     let c = plain.clone().with_regen_secret("regen-secret-456");
     let r = send(&c, &c.regenerate_request(&w, &token)).await;
     assert_code(&r, "0");
@@ -840,7 +868,7 @@ async fn status_checks() {
     assert_eq!(unknown.get("status"), "FAILURE");
     let mut tampered = c.check_status_request("STATUS_00001", None);
     tampered.set("orderid", "STATUS_00002");
-    assert_eq!(send(&c, &tampered).await.statuscode(), "80");
+    refused_unsigned(&c, &tampered, "80").await;
 }
 
 #[tokio::test]

@@ -304,7 +304,12 @@ impl Rail {
         }
         let fail = |code| Err(Reply::signed(head(code), m, ep.regen_secret));
         if !checksum::verify_request(m.secret_bytes(ep.regen_secret), &values, p.get("checksum")) {
-            return fail(Code::ChecksumMismatch);
+            // Unsigned: requests and answers are signed with the same key and
+            // the same quoting, and this answer repeats fields the caller
+            // chose (msgcode, orderid, txid...). Signing it would give anyone
+            // who knows a mid the merchant's HMAC over text of their choosing,
+            // which can be a valid request checksum.
+            return Err(Reply::unsigned(head(Code::ChecksumMismatch)));
         }
         if !ep.msgcodes.is_empty() && !ep.msgcodes.contains(&p.get("msgcode")) {
             return fail(Code::MsgcodeInvalid);
@@ -432,9 +437,12 @@ impl Rail {
             Err(r) => return r,
         };
         let reply = |a| Reply::signed(a, &m, false);
+        // Which checksum to verify depends on otp/token; without exactly one
+        // of them nothing is verified, so the answer is not signed (see
+        // `verify`).
         let endpoint = match (p.opt("otp").is_some(), p.opt("token").is_some()) {
-            (true, true) => return reply(head(Code::OtpAndToken)),
-            (false, false) => return reply(head(Code::TokenOrOtpMissing)),
+            (true, true) => return Reply::unsigned(head(Code::OtpAndToken)),
+            (false, false) => return Reply::unsigned(head(Code::TokenOrOtpMissing)),
             (true, false) => &TOKEN_FROM_OTP,
             (false, true) => &TOKEN_FROM_TOKEN,
         };
