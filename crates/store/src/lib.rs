@@ -254,13 +254,18 @@ impl Store {
         match &opts.location {
             Location::Sqlite(path) => {
                 let path = path.clone();
-                let mut writer_conn = sqlite::SqliteConn::open(&path, sqlite::Role::Writer)?;
-                migrate::run(&mut writer_conn, migrate::SQLITE, opts.clock.now().millis())?;
-                check_master_key(&mut writer_conn, &Sealer::new(&opts.master_key))?;
-                let checkpointer = sqlite::Checkpointer::start(&path)?;
-                checkpointer.watch(&mut writer_conn)?;
-                // The engine does not sync commits: the pipeline does (see `durable`).
-                writer_conn.batch("PRAGMA synchronous = OFF")?;
+                {
+                    // Set-up commits are synced one by one (synchronous=FULL),
+                    // before the pipeline exists.
+                    let mut setup = sqlite::SqliteConn::open(&path, sqlite::Role::Writer)?;
+                    migrate::run(&mut setup, migrate::SQLITE, opts.clock.now().millis())?;
+                    check_master_key(&mut setup, &Sealer::new(&opts.master_key))?;
+                }
+                let checkpointer = Arc::new(sqlite::Checkpointer::start(
+                    &path,
+                    sqlite::CHECKPOINT_FRAMES,
+                )?);
+                let writer_conn = checkpointer.open_writer(&path)?;
                 let marks = durable::Watermarks::new();
                 let mut wal = path.as_os_str().to_owned();
                 wal.push("-wal");
@@ -276,10 +281,7 @@ impl Store {
                     )?) as Box<dyn Conn>)
                 });
                 let connect_writer: Connect = Arc::new(move || {
-                    Ok(
-                        Box::new(sqlite::SqliteConn::open(&path, sqlite::Role::Writer)?)
-                            as Box<dyn Conn>,
-                    )
+                    Ok(Box::new(checkpointer.open_writer(&path)?) as Box<dyn Conn>)
                 });
                 // SQLite allows one writer at a time: one writer thread.
                 Ok(Store::start(
