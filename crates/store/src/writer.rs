@@ -106,6 +106,14 @@ pub(crate) fn run(conn: Option<Box<dyn Conn>>, rx: flume::Receiver<Msg>, cfg: Ar
         let batch = std::mem::take(&mut carry);
         carry = w.run_batch(batch);
     }
+    // Work queued behind the Stop (sent by a caller that checked the store
+    // was open just before it closed) will never run: say so rather than
+    // leave its caller waiting.
+    for msg in rx.try_iter() {
+        if let Msg::Job(job) = msg {
+            job.finish(Err(StoreError::Closed));
+        }
+    }
     // Whoever closes the database last checkpoints it; make sure that
     // checkpoint syncs even if it is this connection.
     if let Some(c) = w.conn.as_mut()
@@ -338,8 +346,13 @@ impl Writer {
         loop {
             match (self.cfg.connect)() {
                 Ok(mut c) => {
+                    // FOR UPDATE: the batch's transaction updated this row, and
+                    // may still be running on the server (a COMMIT that is slow
+                    // to flush, or waits for a standby) after the client gave
+                    // up. A plain read would see the old value and call the
+                    // batch failed; the lock waits until it has ended.
                     let marker = c.query(
-                        "SELECT last_batch FROM payrail_writers WHERE id = ?1",
+                        "SELECT last_batch FROM payrail_writers WHERE id = ?1 /*FOR UPDATE*/",
                         &[self.id.into()],
                     );
                     match marker.map(|rows| rows.first().and_then(|r| r.int(0).ok())) {
@@ -716,6 +729,20 @@ mod lost_commit {
         /// The writer's marker row, as committed, and as its open batch set it.
         marker: AtomicI64,
         pending_marker: AtomicI64,
+        /// With `lose_next_commit`: the lost COMMIT is still running on the
+        /// server (its row lock held) until `finish_commit`.
+        slow_commit: AtomicBool,
+        in_flight: AtomicBool,
+        /// A `FOR UPDATE` read is waiting for the in-flight COMMIT.
+        lock_waited: AtomicBool,
+    }
+
+    impl Server {
+        fn finish_commit(&self) {
+            let seq = self.pending_marker.load(Ordering::SeqCst);
+            self.marker.store(seq, Ordering::SeqCst);
+            self.in_flight.store(false, Ordering::SeqCst);
+        }
     }
 
     struct FakeConn(Arc<Server>);
@@ -741,9 +768,14 @@ mod lost_commit {
             Ok(1)
         }
 
-        fn query(&mut self, _: &'static str, _: &[Param<'_>]) -> Result<Vec<Row>, DbError> {
+        fn query(&mut self, sql: &'static str, _: &[Param<'_>]) -> Result<Vec<Row>, DbError> {
             if self.0.down.load(Ordering::SeqCst) {
                 return Err(gone());
+            }
+            // The in-flight transaction holds the marker row's lock.
+            while sql.contains("FOR UPDATE") && self.0.in_flight.load(Ordering::SeqCst) {
+                self.0.lock_waited.store(true, Ordering::SeqCst);
+                std::thread::yield_now();
             }
             Ok(vec![Row(vec![Value::Int(
                 self.0.marker.load(Ordering::SeqCst),
@@ -763,6 +795,14 @@ mod lost_commit {
                 return Err(gone());
             }
             if c == Control::Commit {
+                if self.0.lose_next_commit.load(Ordering::SeqCst)
+                    && self.0.slow_commit.load(Ordering::SeqCst)
+                {
+                    self.0.lose_next_commit.store(false, Ordering::SeqCst);
+                    self.0.in_flight.store(true, Ordering::SeqCst);
+                    self.0.down.store(true, Ordering::SeqCst);
+                    return Err(gone());
+                }
                 let seq = self.0.pending_marker.load(Ordering::SeqCst);
                 self.0.marker.store(seq, Ordering::SeqCst);
                 if self.0.lose_next_commit.swap(false, Ordering::SeqCst) {
@@ -798,6 +838,13 @@ mod lost_commit {
 
     /// A writer on the scripted server, and its queue.
     fn start() -> (Arc<Server>, flume::Sender<Msg>, std::thread::JoinHandle<()>) {
+        start_after(|_| {})
+    }
+
+    /// The same, with messages queued before the writer starts.
+    fn start_after(
+        queued: impl FnOnce(&flume::Sender<Msg>),
+    ) -> (Arc<Server>, flume::Sender<Msg>, std::thread::JoinHandle<()>) {
         let server = Arc::new(Server::default());
         let connect: Connect = {
             let server = Arc::clone(&server);
@@ -822,6 +869,7 @@ mod lost_commit {
             pipeline: None,
         });
         let (queue, rx) = flume::unbounded();
+        queued(&queue);
         let writer = std::thread::spawn(move || run(None, rx, cfg));
         (server, queue, writer)
     }
@@ -867,6 +915,46 @@ mod lost_commit {
 
         queue.send(Msg::Stop).unwrap();
         writer.join().unwrap();
+    }
+
+    /// The server is back before the lost COMMIT has finished there: the
+    /// outcome is read only once that transaction has ended.
+    #[test]
+    fn a_commit_still_running_on_the_server_is_waited_for() {
+        let (server, queue, writer) = start();
+        server.slow_commit.store(true, Ordering::SeqCst);
+        let in_doubt = lose_a_commit(&server, &queue);
+        server.down.store(false, Ordering::SeqCst);
+        loop {
+            if let Ok(answer) = in_doubt.try_recv() {
+                panic!("answered {answer:?} while the COMMIT was still running");
+            }
+            if server.lock_waited.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        server.finish_commit();
+        let answer = in_doubt.recv_timeout(GUARD).unwrap();
+        assert!(answer.is_ok(), "a kept batch was told {answer:?}");
+        queue.send(Msg::Stop).unwrap();
+        writer.join().unwrap();
+    }
+
+    /// Work that reaches the queue behind the Stop is told the store closed.
+    #[test]
+    fn work_queued_behind_a_stop_is_answered() {
+        let mut answers = Vec::new();
+        let (_server, _queue, writer) = start_after(|queue| {
+            answers.push(probe(queue));
+            queue.send(Msg::Stop).unwrap();
+            answers.push(probe(queue));
+        });
+        writer.join().unwrap();
+        let late = answers.pop().unwrap();
+        assert!(answers[0].recv_timeout(GUARD).unwrap().is_ok());
+        let answer = late.recv_timeout(GUARD).unwrap();
+        assert!(matches!(answer, Err(StoreError::Closed)), "{answer:?}");
     }
 
     #[test]
