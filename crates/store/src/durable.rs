@@ -123,7 +123,14 @@ fn run(wal: &std::path::Path, rx: &flume::Receiver<Synced>, marks: &Watermarks) 
 
 /// fdatasync of the WAL, reopening it if SQLite has replaced the file.
 fn sync(wal: &std::path::Path, file: &mut Option<File>) -> std::io::Result<()> {
-    let current = std::fs::metadata(wal)?.ino();
+    let current = match std::fs::metadata(wal) {
+        Ok(m) => m.ino(),
+        // SQLite deletes the WAL only when its last connection closes, after
+        // copying all of it into the database file and syncing that: what it
+        // held is durable. (Aborting here would crash a clean shutdown.)
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
     let stale = file
         .as_ref()
         .is_none_or(|f| f.metadata().is_ok_and(|m| m.ino() != current));
@@ -136,6 +143,19 @@ fn sync(wal: &std::path::Path, file: &mut Option<File>) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wal_removed_by_a_clean_close_needs_no_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("db-wal");
+        let mut file = None;
+        sync(&wal, &mut file).expect("no WAL: nothing left to sync");
+        std::fs::write(&wal, b"frames").unwrap();
+        sync(&wal, &mut file).expect("synced");
+        assert!(file.is_some());
+        std::fs::remove_file(&wal).unwrap();
+        sync(&wal, &mut file).expect("removed after a full checkpoint");
+    }
 
     #[tokio::test]
     async fn a_read_waits_until_what_it_may_have_seen_is_durable() {
