@@ -79,11 +79,57 @@ impl From<DbError> for StoreError {
     }
 }
 
-/// Where the data lives.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where the data lives. Printed with any password hidden (it is logged at
+/// start-up).
+#[derive(Clone, PartialEq, Eq)]
 pub enum Location {
     Sqlite(PathBuf),
     Postgres(String),
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sqlite(p) => f.debug_tuple("Sqlite").field(p).finish(),
+            Location::Postgres(url) => f
+                .debug_tuple("Postgres")
+                .field(&redact_password(url))
+                .finish(),
+        }
+    }
+}
+
+/// A PostgreSQL URL with the password of its user part and of a
+/// `password=` parameter replaced by `***`.
+pub fn redact_password(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{name}:***@{host}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    if scheme.is_empty() {
+        format!("{authority}{tail}")
+    } else {
+        format!("{scheme}://{authority}{tail}")
+    }
 }
 
 impl Location {
@@ -638,5 +684,51 @@ impl Inner {
             Err(e) => tracing::warn!(error = %e, "dropping a reader connection"),
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn database_urls_print_without_their_password() {
+        for (url, shown) in [
+            (
+                "postgres://payrail:S3cret@db:5432/payrail",
+                "postgres://payrail:***@db:5432/payrail",
+            ),
+            (
+                "postgresql://u:p@ss@h/d?sslmode=disable&password=x",
+                "postgresql://u:***@h/d?sslmode=disable&password=***",
+            ),
+            (
+                "postgres://postgres@127.0.0.1/x",
+                "postgres://postgres@127.0.0.1/x",
+            ),
+        ] {
+            assert_eq!(redact_password(url), shown);
+        }
+        let printed = format!("{:?}", Location::parse("postgres://a:S3cret@h/d").unwrap());
+        assert!(!printed.contains("S3cret"), "{printed}");
+    }
+
+    proptest! {
+        #[test]
+        fn no_password_survives_printing(
+            user in "[a-z]{1,8}",
+            password in "[A-Z0-9:@]{8,20}",
+            host in "[a-z.]{1,12}",
+            in_query in any::<bool>(),
+        ) {
+            let url = if in_query {
+                format!("postgres://{host}/db?user={user}&password={password}")
+            } else {
+                format!("postgres://{user}:{password}@{host}/db")
+            };
+            let shown = format!("{:?}", Location::Postgres(url));
+            prop_assert!(!shown.contains(&password), "{}", shown);
+        }
     }
 }

@@ -20,7 +20,7 @@ use postgres::{Client, NoTls, Statement};
 use crate::conn::{Conn, Control, DbError, DbErrorKind, Dialect, Param, Row, Value};
 
 /// Connection settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PgOptions {
     pub url: String,
     pub connect_timeout: Duration,
@@ -30,6 +30,17 @@ pub struct PgOptions {
     /// later batch, once this writer's own locks are released: it breaks
     /// cross-node lock cycles long before PostgreSQL's deadlock detector.
     pub lock_timeout: Duration,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("url", &crate::redact_password(&self.url))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("lock_timeout", &self.lock_timeout)
+            .finish()
+    }
 }
 
 pub(crate) struct PgConn {
