@@ -257,6 +257,40 @@ async fn get_and_post_are_the_same_and_xml_on_request() {
     assert_eq!(s.wallet_balance(RICH).await, "9978.50");
 }
 
+/// Razorpay's OTP-then-debit flow: `/debitwallet` with the OTP instead of a
+/// token. The OTP authorises one debit of at most the amount it was
+/// requested for.
+#[tokio::test]
+async fn an_otp_pays_once_and_no_more_than_it_was_asked_for() {
+    let s = Server::start().await;
+    let c = s.client();
+    let with_otp = |amount: &str, orderid: &str, otp: &str| {
+        let mut req = c.debit_request(&Debit::new(POOR, amount, orderid, "unused"));
+        req.remove("token");
+        req.set("otp", otp);
+        resign(
+            &c,
+            req,
+            payrail_mobikwik::wire::signed_fields::DEBIT_WITH_OTP,
+        )
+    };
+    assert_code(&send(&c, &c.otp_generate_request(POOR, "200")).await, "0");
+    let otp = s.last_otp(POOR).await;
+    // More than the OTP was asked for: refused, and the OTP stays good.
+    for _ in 0..4 {
+        let r = send(&c, &with_otp("200.01", "OTPDEBIT_0001", &otp)).await;
+        assert_code(&r, "164");
+    }
+    assert_eq!(s.wallet_balance(POOR).await, "1000.00");
+    let r = send(&c, &with_otp("150", "OTPDEBIT_0002", &otp)).await;
+    assert_code(&r, "0");
+    assert_eq!(s.wallet_balance(POOR).await, "850.00");
+    // Single use.
+    let r = send(&c, &with_otp("1", "OTPDEBIT_0003", &otp)).await;
+    assert_code(&r, "164");
+    assert_eq!(s.wallet_balance(POOR).await, "850.00");
+}
+
 /// Requests and answers are signed with the same key and quoting, so an
 /// answer to a request that did not verify must not be signed: it repeats
 /// fields the sender chose, and its checksum could serve as a request's.

@@ -30,6 +30,7 @@ pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
     2 "0002_platform",
     3 "0003_mobikwik",
     4 "0004_account_deltas",
+    5 "0005_otp_amount",
 );
 
 pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
@@ -37,6 +38,7 @@ pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
     2 "0002_platform",
     3 "0003_mobikwik",
     4 "0004_account_deltas",
+    5 "0005_otp_amount",
 );
 
 fn digest(sql: &str) -> String {

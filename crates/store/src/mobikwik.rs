@@ -263,6 +263,8 @@ pub struct OtpRow {
     pub digest: Vec<u8>,
     pub failed_attempts: i64,
     pub expires_at: Timestamp,
+    /// What it was requested for (None: issued before amounts were kept).
+    pub amount: Option<Money>,
 }
 
 /// OTPs issued to `cell` (for any merchant) at or after `since`.
@@ -281,6 +283,7 @@ pub fn issue_otp(
     mid: &str,
     cell: &str,
     digest: &[u8],
+    amount: Money,
     expires_at: Timestamp,
 ) -> Result<i64, StoreError> {
     tx.execute(
@@ -289,14 +292,15 @@ pub fn issue_otp(
     )?;
     let now = tx.now().millis();
     let row = tx.query_one(
-        "INSERT INTO mbk_otps (mid, cell, digest, failed_attempts, state, created_at, expires_at)
-         VALUES (?1, ?2, ?3, 0, 0, ?4, ?5) RETURNING id",
+        "INSERT INTO mbk_otps (mid, cell, digest, failed_attempts, state, created_at, expires_at, amount)
+         VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?6) RETURNING id",
         &[
             mid.into(),
             cell.into(),
             digest.into(),
             now.into(),
             expires_at.millis().into(),
+            amount.minor().into(),
         ],
     )?;
     Ok(row.int(0)?)
@@ -305,7 +309,7 @@ pub fn issue_otp(
 /// The open OTP for (mid, cell), locked for update.
 pub fn open_otp(tx: &mut Tx<'_>, mid: &str, cell: &str) -> Result<Option<OtpRow>, StoreError> {
     tx.query_opt(
-        "SELECT id, digest, failed_attempts, expires_at FROM mbk_otps
+        "SELECT id, digest, failed_attempts, expires_at, amount FROM mbk_otps
           WHERE mid = ?1 AND cell = ?2 AND state = 0 ORDER BY id DESC LIMIT 1 /*FOR UPDATE*/",
         &[mid.into(), cell.into()],
     )?
@@ -315,6 +319,7 @@ pub fn open_otp(tx: &mut Tx<'_>, mid: &str, cell: &str) -> Result<Option<OtpRow>
             digest: row.blob(1)?,
             failed_attempts: row.int(2)?,
             expires_at: Timestamp::from_millis(row.int(3)?),
+            amount: row.opt_int(4)?.map(Money::from_minor),
         })
     })
     .transpose()

@@ -368,11 +368,12 @@ impl Rail {
             Err(r) => return r,
         };
         let reply = |a| Reply::signed(a, &m, false);
-        if let Err(c) = Rail::check_common(p, &["amount", "cell", "merchantname", "tokentype"])
-            .and_then(|()| wire::parse_amount(p.get("amount"), false).map(drop))
+        let amount = match Rail::check_common(p, &["amount", "cell", "merchantname", "tokentype"])
+            .and_then(|()| wire::parse_amount(p.get("amount"), false))
         {
-            return reply(head(c));
-        }
+            Ok(a) => a,
+            Err(c) => return reply(head(c)),
+        };
         let (mid, cell) = (m.mid.clone(), p.get("cell").to_string());
         let otp = ids::random_digits(6);
         let digest = self.otp_digest(&mid, &cell, &otp);
@@ -389,7 +390,7 @@ impl Rail {
                 if db::otps_issued_since(tx, &cell, now.minus(Duration::from_secs(3600)))? >= s.otp_per_hour {
                     return Ok(too_many.clone());
                 }
-                db::issue_otp(tx, &mid, &cell, &digest, now.plus(s.otp_ttl))?;
+                db::issue_otp(tx, &mid, &cell, &digest, amount, now.plus(s.otp_ttl))?;
                 let minutes = s.otp_ttl.as_secs() / 60;
                 let text = format!("{otp} is your Mobikwik OTP. It is valid for {minutes} minutes. Do not share it with anyone.");
                 outbox::send(tx, &cell, &text, Some(&otp))?;
@@ -401,16 +402,26 @@ impl Rail {
 
     /// Checks a presented OTP against the open one for (mid, cell) and uses
     /// it up if it matches. A mismatch counts; enough of them lock it.
+    /// `debit`: the amount of a debit the OTP is to authorise. One larger
+    /// than the OTP was requested for is refused before the OTP is compared,
+    /// so it neither uses the OTP nor counts as a wrong guess (and tells
+    /// nothing about the OTP).
     fn check_otp(
         tx: &mut Tx<'_>,
         mid: &str,
         cell: &str,
         presented: &[u8],
         max_failures: i64,
+        debit: Option<Money>,
     ) -> Result<bool, StoreError> {
         let Some(otp) = db::open_otp(tx, mid, cell)? else {
             return Ok(false);
         };
+        if let Some(amount) = debit
+            && otp.amount.is_none_or(|allowed| amount > allowed)
+        {
+            return Ok(false);
+        }
         if otp.expires_at <= tx.now() {
             db::set_otp_state(tx, otp.id, OtpState::Superseded)?;
             return Ok(false);
@@ -470,7 +481,7 @@ impl Rail {
                 if db::wallet(tx, &cell)?.is_none() {
                     return Err(Halt::Refuse(no_user.clone()));
                 }
-                if !Rail::check_otp(tx, &mid, &cell, &presented, s.otp_max_failures)? {
+                if !Rail::check_otp(tx, &mid, &cell, &presented, s.otp_max_failures, None)? {
                     return Ok(bad_otp.clone()); // keep the failed attempt
                 }
                 let digest = token_digest(&token);
@@ -763,7 +774,7 @@ impl Rail {
                 if db::wallet(tx, &cell)?.is_some() {
                     return Err(Halt::Refuse(registered.clone()));
                 }
-                if !Rail::check_otp(tx, &mid, &cell, &presented, max_failures)? {
+                if !Rail::check_otp(tx, &mid, &cell, &presented, max_failures, None)? {
                     return Ok(bad_otp.clone());
                 }
                 open_wallet(tx, &cell, Some(&email))?;
@@ -942,7 +953,8 @@ impl Debit {
                 wallet
             }
             Credential::Otp(digest) => {
-                if !Rail::check_otp(tx, &self.mid, &self.cell, digest, self.otp_max_failures)? {
+                let (max, amount) = (self.otp_max_failures, Some(self.amount));
+                if !Rail::check_otp(tx, &self.mid, &self.cell, digest, max, amount)? {
                     return Ok(self.fail(Code::OtpInvalid)); // keep the failed attempt
                 }
                 db::wallet(tx, &self.cell)?
