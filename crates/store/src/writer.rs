@@ -795,17 +795,15 @@ mod lost_commit {
                 return Err(gone());
             }
             if c == Control::Commit {
-                if self.0.lose_next_commit.load(Ordering::SeqCst)
-                    && self.0.slow_commit.load(Ordering::SeqCst)
-                {
-                    self.0.lose_next_commit.store(false, Ordering::SeqCst);
+                let lost = self.0.lose_next_commit.swap(false, Ordering::SeqCst);
+                if lost && self.0.slow_commit.load(Ordering::SeqCst) {
+                    // Takes effect later, at `finish_commit`.
                     self.0.in_flight.store(true, Ordering::SeqCst);
-                    self.0.down.store(true, Ordering::SeqCst);
-                    return Err(gone());
+                } else {
+                    let seq = self.0.pending_marker.load(Ordering::SeqCst);
+                    self.0.marker.store(seq, Ordering::SeqCst);
                 }
-                let seq = self.0.pending_marker.load(Ordering::SeqCst);
-                self.0.marker.store(seq, Ordering::SeqCst);
-                if self.0.lose_next_commit.swap(false, Ordering::SeqCst) {
+                if lost {
                     self.0.down.store(true, Ordering::SeqCst);
                     return Err(gone());
                 }
