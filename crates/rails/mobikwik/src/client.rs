@@ -502,7 +502,7 @@ fn parse_json(body: &str) -> Result<Vec<(String, String)>, ClientError> {
 }
 
 /// Reads the flat `<wallet><name>value</name>…</wallet>` answers.
-fn parse_xml(body: &str) -> Result<Vec<(String, String)>, ClientError> {
+pub(crate) fn parse_xml(body: &str) -> Result<Vec<(String, String)>, ClientError> {
     let bad = |m: &str| ClientError::Malformed(m.to_string());
     let start = body
         .find("<wallet>")
@@ -519,16 +519,43 @@ fn parse_xml(body: &str) -> Result<Vec<(String, String)>, ClientError> {
             .find(&end_tag)
             .ok_or_else(|| bad("missing end tag"))?
             + close;
-        let value = rest[close + 1..value_end]
-            .replace("&lt;", "<")
-            .replace("&gt;", ">")
-            .replace("&quot;", "\"")
-            .replace("&apos;", "'")
-            .replace("&amp;", "&");
+        let value =
+            unescape_xml(&rest[close + 1..value_end]).ok_or_else(|| bad("bad reference"))?;
         out.push((name.to_string(), value));
         rest = &rest[value_end + end_tag.len()..];
     }
     Ok(out)
+}
+
+/// Replaces XML's five named references and its character references.
+fn unescape_xml(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(amp) = rest.find('&') {
+        out.push_str(&rest[..amp]);
+        let semi = rest[amp..].find(';')? + amp;
+        let c = match &rest[amp + 1..semi] {
+            "lt" => '<',
+            "gt" => '>',
+            "quot" => '"',
+            "apos" => '\'',
+            "amp" => '&',
+            r => {
+                let (digits, radix) = match r.strip_prefix("#x") {
+                    Some(hex) => (hex, 16),
+                    None => (r.strip_prefix('#')?, 10),
+                };
+                if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+                    return None;
+                }
+                char::from_u32(u32::from_str_radix(digits, radix).ok()?)?
+            }
+        };
+        out.push(c);
+        rest = &rest[semi + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 #[cfg(test)]
@@ -578,5 +605,20 @@ mod tests {
                 ("checksum".into(), String::new()),
             ]
         );
+        assert_eq!(
+            unescape_xml("a&#13;&#x41;&amp;#13;&lt;").as_deref(),
+            Some("a\rA&#13;<")
+        );
+        for bad in [
+            "&",
+            "&bogus;",
+            "&#;",
+            "&#+13;",
+            "&#x;",
+            "&#xD800;",
+            "&#99999999;",
+        ] {
+            assert_eq!(unescape_xml(bad), None, "{bad}");
+        }
     }
 }

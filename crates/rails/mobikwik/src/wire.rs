@@ -308,8 +308,15 @@ impl Answer {
     }
 
     /// Signs (with the merchant's secret; an empty checksum when the merchant
-    /// is unknown) and encodes.
-    pub fn render(self, secret: Option<&[u8]>, format: Format) -> Response {
+    /// is unknown) and encodes: the body and its content type.
+    fn encode(mut self, secret: Option<&[u8]>, format: Format) -> (String, &'static str) {
+        if format == Format::Xml {
+            for (_, v) in &mut self.fields {
+                if !v.chars().all(xml_char) {
+                    v.retain(xml_char);
+                }
+            }
+        }
         let checksum = match secret {
             None => String::new(),
             Some(secret) => {
@@ -336,6 +343,12 @@ impl Answer {
                 "text/xml; charset=UTF-8",
             ),
         };
+        (body, content_type)
+    }
+
+    /// Signs, encodes and wraps in a response.
+    pub fn render(self, secret: Option<&[u8]>, format: Format) -> Response {
+        let (body, content_type) = self.encode(secret, format);
         let mut resp = (StatusCode::OK, body).into_response();
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -364,6 +377,15 @@ fn encode_json(fields: &[(&'static str, String)], checksum: &str) -> String {
     out
 }
 
+/// Whether XML 1.0 can carry `c` in element content. Most control
+/// characters it cannot, not even as character references, and a refused
+/// request's answer repeats the field it refused. The XML answer drops them
+/// before it is signed, so that its checksum verifies over the text a
+/// client reads.
+fn xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+}
+
 fn encode_xml(fields: &[(&'static str, String)], checksum: &str) -> String {
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<wallet>");
     for (k, v) in fields
@@ -381,6 +403,8 @@ fn encode_xml(fields: &[(&'static str, String)], checksum: &str) -> String {
                 '>' => out.push_str("&gt;"),
                 '"' => out.push_str("&quot;"),
                 '\'' => out.push_str("&apos;"),
+                // A parser reads a literal CR as LF.
+                '\r' => out.push_str("&#13;"),
                 c => out.push(c),
             }
         }
@@ -531,7 +555,44 @@ mod tests {
         assert_eq!(numbers.len(), Code::ALL.len());
     }
 
+    /// Encodes a signed XML answer carrying `orderid`, reads it back as a
+    /// client does, and checks its checksum over what was read.
+    fn xml_round_trip(orderid: &str) -> (String, String) {
+        let secret = b"secret";
+        let answer = Answer::status("504", Code::OrderIdChars).with("orderid", orderid);
+        let (body, _) = answer.encode(Some(secret), Format::Xml);
+        let fields = crate::client::parse_xml(&body).expect("the answer parses");
+        let (signed, checksum): (Vec<_>, Vec<_>) =
+            fields.iter().partition(|(k, _)| k != "checksum");
+        let pairs: Vec<(&str, &str)> = signed
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(checksum[0].1, checksum::sign_sorted(secret, &pairs));
+        let read = pairs.iter().find(|(k, _)| *k == "orderid").unwrap().1;
+        (body, read.to_string())
+    }
+
+    #[test]
+    fn xml_answers_carry_only_what_xml_can() {
+        let (body, read) = xml_round_trip("ORDER\u{1}_\r\n\u{FFFF}<1>");
+        assert!(body.chars().all(xml_char), "{body:?}");
+        assert!(
+            body.contains("<orderid>ORDER_&#13;\n&lt;1&gt;</orderid>"),
+            "{body}"
+        );
+        assert_eq!(read, "ORDER_\r\n<1>");
+    }
+
     proptest! {
+        #[test]
+        fn xml_answers_read_back_as_signed(orderid in "\\PC{0,40}|[\\x00-\\x20&<>#;]{0,20}") {
+            let (body, read) = xml_round_trip(&orderid);
+            prop_assert!(body.chars().all(xml_char));
+            let kept: String = orderid.chars().filter(|&c| xml_char(c)).collect();
+            prop_assert_eq!(read, kept);
+        }
+
         #[test]
         fn params_never_panic(query in "\\PC{0,200}", body in proptest::collection::vec(any::<u8>(), 0..200)) {
             let p = Params::from_parts(Some(&query), &body);
