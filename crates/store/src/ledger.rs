@@ -301,6 +301,19 @@ fn apply_delta(tx: &mut Tx<'_>, account: AccountId, delta: Delta) -> Result<bool
     // Queued credits to this account count: they commit with this change.
     // So do committed delta rows; one committed after this statement began
     // is missed, which can only refuse a debit that would have fitted.
+    //
+    // With several writers the row is locked first, in its own statement.
+    // An UPDATE that waits for the row re-checks its condition against the
+    // row's newest version but reads the delta rows as of its start: after a
+    // fold (which moves delta rows into the row) it would count that money
+    // twice. The statement after the lock starts after the fold committed
+    // and sees both halves of it.
+    if !tx.serialized() {
+        tx.query_opt(
+            "SELECT id FROM accounts WHERE id = ?1 FOR NO KEY UPDATE",
+            &[account.0.into()],
+        )?;
+    }
     let floor = tx.deferred(account).available_change() + delta.available_change();
     let changed = tx.execute(
         "UPDATE accounts
@@ -425,7 +438,14 @@ fn resolve(
         return replay(tx, req);
     }
     let pending = lock_transfer(tx, pending_id)?.ok_or(LedgerError::PendingNotFound)?;
-    check_resolvable(&pending, tx.now())?;
+    if let Err(e) = check_resolvable(&pending, tx.now()) {
+        // With several writers, the same request on another one may have
+        // resolved it while this one waited for the lock: its result, then.
+        if transfer_by_key(tx, &req.scope, &req.key)?.is_some() {
+            return replay(tx, req);
+        }
+        return Err(e.into());
+    }
     let (kind, state, amount) = match amount {
         Some(a) if a > pending.amount => return Err(LedgerError::ExceedsPending.into()),
         Some(a) => (TransferKind::Post, PendingState::Posted, a),
@@ -621,7 +641,10 @@ pub fn fold_deltas(tx: &mut Tx<'_>, limit: i64) -> Result<usize, StoreError> {
         let account = row.int(0)?;
         if tx
             .query_opt(
-                "SELECT id FROM accounts WHERE id = ?1 FOR UPDATE SKIP LOCKED",
+                // NO KEY: a writer adding this account's first delta row
+                // takes a key-share lock on it, which FOR UPDATE would
+                // make wait for the fold's whole batch.
+                "SELECT id FROM accounts WHERE id = ?1 FOR NO KEY UPDATE SKIP LOCKED",
                 &[account.into()],
             )?
             .is_none()

@@ -4,7 +4,9 @@ mod common;
 
 use std::sync::Arc;
 
-use payrail_core::{AccountFlags, AccountId, Currency, LedgerError, Money};
+use payrail_core::{
+    AccountFlags, AccountId, Currency, LedgerError, Money, TransferOp, TransferRequest,
+};
 use payrail_store::ledger::{self, LedgerOpError};
 use payrail_store::{Store, StoreError};
 
@@ -438,4 +440,220 @@ async fn units_that_refuse_after_writing_leave_nothing_and_spoil_no_batch() {
     assert_eq!(v.transfers, kept as i64);
     assert!(v.ok(), "{:?}", v.problems);
     store.close().await;
+}
+
+/// PostgreSQL: another node's writer folds an account's delta rows into its
+/// row and spends the money, while this node's debit of the same account
+/// waits for the row. The debit must see the fold whole: the delta rows gone
+/// as well as the row grown, or it counts the money twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debit_waiting_on_a_fold_sees_the_money_once() {
+    let t = common::open().await;
+    let payrail_store::Location::Postgres(url) = t.db.location.clone() else {
+        return; // SQLite: one writer, no delta rows, nothing to race.
+    };
+    let store = t.store.clone();
+    let a = accounts(&store, 3).await;
+    let (issuer, wallet, merchant) = (a[0], a[1], a[2]);
+    fund(&store, issuer, wallet, 10_000).await;
+
+    // The other node: fold the wallet's delta rows, then debit all of it,
+    // and hold the row until told to commit.
+    let (go, hold) = std::sync::mpsc::channel::<()>();
+    let (held, is_held) = tokio::sync::oneshot::channel::<()>();
+    let url2 = url.clone();
+    let other = tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&url2, postgres::NoTls).unwrap();
+        let mut tx = c.transaction().unwrap();
+        let moved = tx
+            .execute(
+                "WITH gone AS (DELETE FROM account_deltas WHERE account_id = $1 RETURNING credits_posted)
+                 UPDATE accounts SET credits_posted = credits_posted + (SELECT SUM(credits_posted) FROM gone),
+                                     debits_posted = debits_posted + 10000
+                  WHERE id = $1",
+                &[&wallet.0],
+            )
+            .unwrap();
+        assert_eq!(moved, 1, "the funding left a delta row");
+        held.send(()).unwrap();
+        hold.recv().unwrap();
+        tx.commit().unwrap();
+    });
+    is_held.await.unwrap();
+
+    let store2 = store.clone();
+    let debit = tokio::spawn(async move {
+        store2
+            .write(move |tx| {
+                ledger::transfer(
+                    tx,
+                    &ledger::single(
+                        "test",
+                        "racer",
+                        wallet,
+                        merchant,
+                        Currency::INR,
+                        Money::from_minor(10_000),
+                    ),
+                )
+            })
+            .await
+    });
+    // Commit the other node's work once the debit waits for the row.
+    tokio::task::spawn_blocking(move || {
+        let mut watch = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let waiting: i64 = watch
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE application_name = 'payrail' AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the debit never waited"
+            );
+            std::thread::yield_now();
+        }
+        go.send(()).unwrap();
+    })
+    .await
+    .unwrap();
+    other.await.unwrap();
+
+    match debit.await.unwrap() {
+        Err(LedgerOpError::Rejected(LedgerError::InsufficientFunds(acct))) => {
+            assert_eq!(acct, wallet)
+        }
+        other => panic!("the wallet's 100.00 was spent twice: {other:?}"),
+    }
+    let w = store
+        .read(move |tx| ledger::account(tx, wallet))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(w.balances.balance(), Money::ZERO);
+    store.close().await;
+}
+
+/// PostgreSQL: one Post sent to two nodes at once, both waiting for the
+/// reservation's row. The second to get it finds the reservation posted, by
+/// the same request: it answers the first one's result, not "already posted".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_post_on_two_nodes_answers_the_same() {
+    let t = common::open().await;
+    let location = t.db.location.clone();
+    let payrail_store::Location::Postgres(url) = location.clone() else {
+        return; // SQLite: one writer, so no two posts wait on each other.
+    };
+    let node1 = t.store.clone();
+    let node2 = common::open_at(location, common::ManualClock::at(1_700_000_000_000)).await;
+    let a = accounts(&node1, 3).await;
+    let (issuer, wallet, merchant) = (a[0], a[1], a[2]);
+    fund(&node1, issuer, wallet, 10_000).await;
+    let pending = node1
+        .write(move |tx| {
+            ledger::transfer(
+                tx,
+                &TransferRequest {
+                    scope: "test".into(),
+                    key: "hold".into(),
+                    op: TransferOp::Reserve {
+                        debit: wallet,
+                        credit: merchant,
+                        currency: Currency::INR,
+                        amount: Money::from_minor(5_000),
+                        timeout: None,
+                    },
+                },
+            )
+        })
+        .await
+        .unwrap()
+        .record
+        .id;
+
+    // Hold the reservation's row while both nodes reach it.
+    let (go, hold) = std::sync::mpsc::channel::<()>();
+    let (held, is_held) = tokio::sync::oneshot::channel::<()>();
+    let url2 = url.clone();
+    let holder = tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&url2, postgres::NoTls).unwrap();
+        let mut tx = c.transaction().unwrap();
+        tx.query_one(
+            "SELECT id FROM transfers WHERE id = $1 FOR UPDATE",
+            &[&pending.0],
+        )
+        .unwrap();
+        held.send(()).unwrap();
+        hold.recv().unwrap();
+        tx.commit().unwrap();
+    });
+    is_held.await.unwrap();
+    let post = |node: Store| {
+        tokio::spawn(async move {
+            node.write(move |tx| {
+                ledger::transfer(
+                    tx,
+                    &TransferRequest {
+                        scope: "test".into(),
+                        key: "capture".into(),
+                        op: TransferOp::Post {
+                            pending,
+                            amount: Money::from_minor(4_000),
+                        },
+                    },
+                )
+            })
+            .await
+        })
+    };
+    let (p1, p2) = (post(node1.clone()), post(node2.clone()));
+    tokio::task::spawn_blocking(move || {
+        let mut watch = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while watch
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name = 'payrail' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            < 2
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the posts never both waited"
+            );
+            std::thread::yield_now();
+        }
+        go.send(()).unwrap();
+    })
+    .await
+    .unwrap();
+    holder.await.unwrap();
+
+    let (r1, r2) = (p1.await.unwrap(), p2.await.unwrap());
+    let (r1, r2) = match (r1, r2) {
+        (Ok(r1), Ok(r2)) => (r1, r2),
+        other => panic!("both must answer the post: {other:?}"),
+    };
+    assert_eq!(r1.record, r2.record);
+    assert!(r1.replayed != r2.replayed, "exactly one did the work");
+    let w = node1
+        .read(move |tx| ledger::account(tx, wallet))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(w.balances.balance(), Money::from_minor(6_000));
+    verify_ok(&node1).await;
+    node2.close().await;
+    node1.close().await;
 }
