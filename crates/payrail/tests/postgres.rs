@@ -399,3 +399,87 @@ async fn postgres_restarting_under_load_loses_and_duplicates_nothing() {
     drop(nodes);
     drop(db);
 }
+
+/// A refund returns cashback in proportion to the order's totals, so it must
+/// read them after any refund still committing elsewhere. Another node's
+/// refund of 0.04 holds the order row while this one (also 0.04) arrives:
+/// 0.08 of a 3.00 order with 0.60 cashback gives back floor(0.016) = 0.01 of
+/// cashback in total, not what each refund saw alone (0.00).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_splits_cashback_from_the_order_as_committed() {
+    let Some(admin) = admin_url() else { return };
+    let db = Db::from(TestDb::postgres(&admin));
+    let s = Server::start_on(db.clone()).await;
+    let c = s.client();
+    let w = cell(31);
+    let token = s.wallet_with_token(&w, "10", "10").await;
+    let mut d = Debit::new(&w, "3", "SPLIT_000001", &token);
+    d.coupon = Some("SAVE20");
+    let r = c.debit(&d).await.unwrap();
+    assert_eq!((r.statuscode(), r.get("cashback")), ("0", "0.60"), "{r:?}");
+
+    let totals = |c: &mut postgres::Client| -> (i64, i64) {
+        let row = c
+            .query_one(
+                "SELECT refunded, refunded_cashback FROM mbk_orders WHERE orderid = 'SPLIT_000001'",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let (go, hold) = std::sync::mpsc::channel::<()>();
+    let (held, is_held) = tokio::sync::oneshot::channel::<()>();
+    let url = db.url.clone();
+    let other = tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let mut tx = c.transaction().unwrap();
+        let n = tx
+            .execute(
+                "UPDATE mbk_orders SET refunded = refunded + 4 WHERE orderid = 'SPLIT_000001'",
+                &[],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+        held.send(()).unwrap();
+        hold.recv().unwrap();
+        tx.commit().unwrap();
+        totals(&mut c)
+    });
+    is_held.await.unwrap();
+    let refund =
+        tokio::spawn(async move { c.refund("SPLIT_000001", "RF_SPLIT_1", "0.04", true).await });
+    let url = db.url.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut watch = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while watch
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name = 'payrail' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the refund never waited"
+            );
+            std::thread::yield_now();
+        }
+        go.send(()).unwrap();
+    })
+    .await
+    .unwrap();
+    assert_eq!(other.await.unwrap(), (4, 0));
+    let r = refund.await.unwrap().unwrap();
+    assert_eq!(r.statuscode(), "0", "{r:?}");
+    let url = db.url.clone();
+    let after = tokio::task::spawn_blocking(move || {
+        totals(&mut postgres::Client::connect(&url, postgres::NoTls).unwrap())
+    })
+    .await
+    .unwrap();
+    assert_eq!(after, (8, 1), "refunded, refunded cashback (paise)");
+}

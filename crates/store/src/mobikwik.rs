@@ -435,6 +435,21 @@ pub fn order(tx: &mut Tx<'_>, mid: &str, orderid: &str) -> Result<Option<OrderRo
     .transpose()
 }
 
+/// The order, locked until the transaction ends (see `/*FOR UPDATE*/`):
+/// for work that computes from its totals.
+pub fn lock_order(
+    tx: &mut Tx<'_>,
+    mid: &str,
+    orderid: &str,
+) -> Result<Option<OrderRow>, StoreError> {
+    tx.query_opt(
+        select_order!("WHERE mid = ?1 AND orderid = ?2 /*FOR UPDATE*/"),
+        &[mid.into(), orderid.into()],
+    )?
+    .map(|r| order_from_row(&r))
+    .transpose()
+}
+
 pub fn order_by_txnid(
     tx: &mut Tx<'_>,
     mid: &str,

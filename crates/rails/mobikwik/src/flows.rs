@@ -1166,6 +1166,11 @@ impl Refund {
                 "General error: refundid already used for a different refund",
             );
         }
+        // The split below follows the order's totals; a refund of the same
+        // order committing on another writer must be counted, so they are
+        // read again under the row's lock.
+        let order = db::lock_order(tx, &self.mid, &order.orderid)?
+            .ok_or_else(|| StoreError::Internal("refunded order vanished".into()))?;
         // Cashback is returned in proportion: after this refund, promotions
         // have had back floor(refunded × cashback / amount) in total.
         let refunded = order
@@ -1181,7 +1186,8 @@ impl Refund {
         let promo_part = refunded
             .mul_div_floor(order.cashback, order.amount)
             .checked_sub(order.refunded_cashback)
-            .unwrap_or(Money::ZERO);
+            .unwrap_or(Money::ZERO)
+            .clamp(Money::ZERO, self.amount);
         let wallet_part = self.amount.checked_sub(promo_part).unwrap_or(Money::ZERO);
         // Conditional on the totals so far: two racing refunds cannot both fit.
         if !db::add_refund_to_order(tx, &self.mid, &order.orderid, self.amount, promo_part)? {
