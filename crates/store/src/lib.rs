@@ -103,32 +103,40 @@ impl std::fmt::Debug for Location {
 /// `password=` parameter replaced by `***`.
 pub fn redact_password(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let authority = match authority.rsplit_once('@') {
-        Some((user, host)) => match user.split_once(':') {
-            Some((name, _)) => format!("{name}:***@{host}"),
-            None => authority.to_string(),
-        },
-        None => authority.to_string(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let params: Vec<String> = query
-                .split('&')
-                .map(|p| match p.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                    _ => p.to_string(),
-                })
-                .collect();
-            format!("{path}?{}", params.join("&"))
+    // `password=` parameters first, wherever they are: the credentials'
+    // end is found by an '@' below, and a password parameter may hold one.
+    let rest = rest
+        .split('&')
+        .map(|part| {
+            let lower = part.to_ascii_lowercase();
+            match lower.find("password=") {
+                Some(i) if i == 0 || lower[..i].ends_with('?') => {
+                    format!("{}***", &part[..i + "password=".len()])
+                }
+                _ => part.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    // The credentials end at an '@', which may come after a '/' or '?' of
+    // the password's own (the driver takes them up to the first '@'). The
+    // last '@' is taken, so that whatever the driver reads as a password is
+    // hidden, and a name that looks like more than a name is hidden too.
+    let shown = match rest.rfind('@') {
+        Some(at) => {
+            let user = match rest[..at].split_once(':') {
+                Some((name, _)) if !name.contains(['/', '?']) => format!("{name}:***"),
+                None if !rest[..at].contains(['/', '?']) => rest[..at].to_string(),
+                _ => "***".to_string(),
+            };
+            format!("{user}@{}", &rest[at + 1..])
         }
-        None => tail.to_string(),
+        None => rest,
     };
     if scheme.is_empty() {
-        format!("{authority}{tail}")
+        shown
     } else {
-        format!("{scheme}://{authority}{tail}")
+        format!("{scheme}://{shown}")
     }
 }
 
@@ -707,6 +715,12 @@ mod tests {
                 "postgres://postgres@127.0.0.1/x",
                 "postgres://postgres@127.0.0.1/x",
             ),
+            (
+                "postgres://payrail:S3cr/et@127.0.0.1:15432/payrail",
+                "postgres://payrail:***@127.0.0.1:15432/payrail",
+            ),
+            ("postgres://u:a?b/c@h/d", "postgres://u:***@h/d"),
+            ("postgres://h/d?password=x@y", "postgres://h/d?password=***"),
         ] {
             assert_eq!(redact_password(url), shown);
         }
@@ -719,12 +733,15 @@ mod tests {
         fn no_password_survives_printing(
             user in "[a-z]{1,8}",
             password in "[A-Z0-9:@]{8,20}",
+            odd in "[/?#=&]{1,3}",
             host in "[a-z.]{1,12}",
             in_query in any::<bool>(),
         ) {
             let url = if in_query {
                 format!("postgres://{host}/db?user={user}&password={password}")
             } else {
+                // Characters a URL would give a meaning elsewhere.
+                let password = format!("{password}{odd}{password}");
                 format!("postgres://{user}:{password}@{host}/db")
             };
             let shown = format!("{:?}", Location::Postgres(url));
