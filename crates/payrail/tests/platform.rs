@@ -210,6 +210,63 @@ async fn refuses_to_start_without_an_admin_token() {
     );
 }
 
+/// Flags, then environment, then the file: either can turn off the file's
+/// sandbox mode. An empty token in the file is none.
+#[tokio::test]
+async fn flags_and_environment_override_the_config_file() {
+    let db = Db::fresh();
+    let file = db.dir().join("payrail.toml");
+    std::fs::write(&file, "sandbox = true\nadmin_token = \"\"\n").unwrap();
+    let start = |flag: Option<&'static str>, env: Option<&'static str>| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_payrail"));
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &db.url,
+            "--config",
+        ])
+        .arg(&file)
+        .args(flag)
+        .env_remove("PAYRAIL_ADMIN_TOKEN")
+        .env_remove("PAYRAIL_SANDBOX")
+        .kill_on_drop(true);
+        if let Some(v) = env {
+            cmd.env("PAYRAIL_SANDBOX", v);
+        }
+        // One that starts runs for ever: the timeout turns that into a
+        // failure.
+        async move {
+            tokio::time::timeout(std::time::Duration::from_secs(30), cmd.output())
+                .await
+                .expect("it started instead of refusing")
+                .unwrap()
+        }
+    };
+    for (flag, env) in [
+        (None, Some("false")),
+        (Some("--sandbox=false"), Some("true")),
+    ] {
+        let out = start(flag, env).await;
+        assert!(
+            !out.status.success(),
+            "{flag:?} {env:?} started in sandbox mode"
+        );
+        assert!(out.stdout.is_empty());
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains("no admin token"), "{stderr}");
+    }
+    // Blank is none; padded would never match the trimmed token presented.
+    for (token, why) in [("  ", "no admin token"), (" tok ", "whitespace")] {
+        std::fs::write(&file, format!("admin_token = \"{token}\"\n")).unwrap();
+        let out = start(None, None).await;
+        assert!(!out.status.success(), "{token:?} was accepted");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains(why), "{stderr}");
+    }
+}
+
 /// Sends a request head announcing a body of `length` bytes, sends no body,
 /// and returns the status line of the answer.
 async fn status_without_body(s: &Server, method_path: &str, extra: &str, length: usize) -> String {

@@ -26,8 +26,16 @@ pub struct ServeArgs {
     #[arg(long, env = "PAYRAIL_DB", value_name = "URL")]
     pub db: Option<String>,
     /// Sandbox mode: load fixtures, enable the sandbox admin endpoints.
-    #[arg(long, env = "PAYRAIL_SANDBOX")]
-    pub sandbox: bool,
+    /// `--sandbox=false` (or `PAYRAIL_SANDBOX=false`) overrides the file.
+    #[arg(
+        long,
+        env = "PAYRAIL_SANDBOX",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    pub sandbox: Option<bool>,
     /// TOML config file (see README for the keys).
     #[arg(long, env = "PAYRAIL_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -174,14 +182,24 @@ impl Config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
-        let sandbox = args.sandbox || file.sandbox.unwrap_or(false);
+        let sandbox = args.sandbox.or(file.sandbox).unwrap_or(false);
         let db_url = args
             .db
             .clone()
             .or(file.db)
             .unwrap_or_else(|| DEFAULT_DB.to_string());
         let db = Location::parse(&db_url).map_err(ConfigError::Invalid)?;
-        let configured_token = env("PAYRAIL_ADMIN_TOKEN").or(file.admin_token);
+        // A token of spaces is no token: the presented one is trimmed.
+        let file_token = file.admin_token.filter(|t| !t.trim().is_empty());
+        let configured_token = env("PAYRAIL_ADMIN_TOKEN").or(file_token);
+        if configured_token
+            .as_ref()
+            .is_some_and(|t| t.trim() != t || t.is_empty())
+        {
+            return Err(ConfigError::Invalid(
+                "the admin token must not begin or end with whitespace".into(),
+            ));
+        }
         let admin_token_is_sandbox_default = sandbox && configured_token.is_none();
         let admin_token = configured_token
             .or_else(|| sandbox.then(|| SANDBOX_ADMIN_TOKEN.to_string()))
