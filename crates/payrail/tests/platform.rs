@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{Db, Server, Start};
@@ -284,6 +286,87 @@ async fn status_without_body(s: &Server, method_path: &str, extra: &str, length:
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+/// A server whose limits come from a config file.
+async fn start_with_limits(limits: &str) -> Server {
+    let db = Db::fresh();
+    let file = db.dir().join("limits.toml");
+    std::fs::write(&file, format!("[limits]\n{limits}\n")).unwrap();
+    let args = vec!["--config".to_string(), file.display().to_string()];
+    Server::start_with(
+        db,
+        support::Start {
+            args,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// A body that stops coming is answered once its time is up, and its
+/// connection closed; without that one client could hold connections open
+/// for as long as it liked.
+#[tokio::test]
+async fn a_stalled_body_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start_with_limits("body_timeout_secs = 1").await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let auth = format!(
+        "Authorization: Bearer {}\r\nContent-Type: application/json\r\n",
+        support::ADMIN_TOKEN
+    );
+    for (target, extra, start) in [
+        ("POST /debitwallet", "", "mid="),
+        ("POST /admin/v1/wallets", auth.as_str(), "{\"cell\""),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "{target} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: 100\r\n\r\n{start}"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        // The timeout only turns a hang into a failure.
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{target}: no answer, connection still open"))
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{target}: {answer}");
+    }
+    // The server still answers.
+    assert!(
+        s.http
+            .get(s.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+}
+
+/// Past the connection cap, a new connection waits until one closes.
+#[tokio::test]
+async fn connections_past_the_cap_wait_for_a_free_one() {
+    let s = start_with_limits("max_connections = 2").await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let idle_a = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _idle_b = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut healthz = tokio::spawn({
+        let (http, url) = (s.http.clone(), s.url("/healthz"));
+        async move { http.get(url).send().await.unwrap().status() }
+    });
+    // Not answered while both slots are held (a bounded look: a server
+    // without the cap answers in well under a millisecond).
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut healthz).await;
+    assert!(early.is_err(), "answered past the cap");
+    drop(idle_a);
+    let status = tokio::time::timeout(Duration::from_secs(20), healthz)
+        .await
+        .expect("still waiting after a slot was freed")
+        .unwrap();
+    assert!(status.is_success());
 }
 
 #[tokio::test]

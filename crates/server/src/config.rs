@@ -129,6 +129,11 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest request head (request line and headers), bytes; larger is 431.
     pub max_header_bytes: usize,
+    /// Seconds a request's whole body may take to arrive; slower is 400 and
+    /// the connection is closed.
+    pub body_timeout_secs: u64,
+    /// Open connections at most; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -136,6 +141,8 @@ impl Default for Limits {
         Limits {
             max_body_bytes: 64 * 1024,
             max_header_bytes: 16 * 1024,
+            body_timeout_secs: 30,
+            max_connections: 10_000,
         }
     }
 }
@@ -204,6 +211,11 @@ impl Config {
         let admin_token = configured_token
             .or_else(|| sandbox.then(|| SANDBOX_ADMIN_TOKEN.to_string()))
             .map(SecretString::from);
+        if file.limits.body_timeout_secs == 0 || file.limits.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.body_timeout_secs and limits.max_connections must be at least 1".into(),
+            ));
+        }
         let master_key = match env("PAYRAIL_MASTER_KEY").or(file.master_key) {
             Some(hex) => Some(MasterKey::from_hex(&hex).ok_or_else(|| {
                 ConfigError::Invalid(

@@ -1,11 +1,20 @@
 //! The HTTP/1.1 accept loop. axum's own `serve` cannot bound the request
 //! head, so payrail drives hyper directly: heads over the limit get 431
-//! without being buffered, slow heads time out, and shutdown is graceful.
+//! without being buffered, slow heads and bodies time out, connections are
+//! capped, and shutdown is graceful.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use hyper::body::{Bytes, Frame, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -19,6 +28,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     max_header_bytes: usize,
+    max_connections: usize,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = http1::Builder::new();
@@ -29,8 +39,20 @@ pub async fn serve(
         .max_headers(100)
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
+    // Each connection holds a slot: past the cap, new ones wait in the
+    // listen backlog instead of taking file descriptors the database needs.
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        max_connections.min(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break, // never closed
+            },
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let stream = match accepted {
@@ -49,6 +71,7 @@ pub async fn serve(
                 tokio::spawn(async move {
                     // Client resets and timeouts end up here; nothing to do.
                     let _ = conn.await;
+                    drop(slot);
                 });
             }
             () = &mut shutdown => break,
@@ -61,6 +84,65 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
+    }
+}
+
+/// Gives each request's body a deadline (the state) to arrive whole,
+/// counted from when the handler first waits for it. hyper bounds only the
+/// head; without this a
+/// client could send a head and then stall or trickle its body, holding a
+/// connection and a task for as long as it liked. The handler's extractor
+/// sees a failed body (400) and the connection closes.
+pub async fn body_deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = Body::new(DeadlineBody {
+        inner: body,
+        limit,
+        deadline: None,
+    });
+    next.run(Request::from_parts(parts, body)).await
+}
+
+struct DeadlineBody {
+    inner: Body,
+    limit: Duration,
+    /// Set on the first poll that has to wait, so a body that is already
+    /// here (most of them) costs no timer.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body not received within {0:?}")]
+struct BodyTimeout(Duration);
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        let limit = this.limit;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(BodyTimeout(limit))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

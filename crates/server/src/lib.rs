@@ -112,6 +112,10 @@ pub async fn build(cfg: &Config) -> Result<App, ServeError> {
     }
     let router = router
         .fallback(|| async { AdminError::not_found("no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(
+            Duration::from_secs(cfg.limits.body_timeout_secs),
+            http::body_deadline,
+        ))
         .layer(axum::middleware::from_fn(telemetry::observe))
         .layer(DefaultBodyLimit::max(cfg.limits.max_body_bytes))
         .layer(RequestBodyLimitLayer::new(cfg.limits.max_body_bytes));
@@ -166,6 +170,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         listener,
         app.router,
         cfg.limits.max_header_bytes,
+        cfg.limits.max_connections,
         http::shutdown_signal(),
     )
     .await;
