@@ -288,6 +288,56 @@ async fn status_without_body(s: &Server, method_path: &str, extra: &str, length:
         .to_string()
 }
 
+/// Sandbox fixtures stay in the database, among them a merchant whose
+/// secret is published: that database is not served outside sandbox mode.
+#[tokio::test]
+async fn a_sandbox_database_is_not_served_outside_sandbox_mode() {
+    let fresh = Server::start_with(
+        Db::fresh(),
+        Start {
+            sandbox: false,
+            admin_token: Some("a-production-token".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_, db) = fresh.terminate().await;
+    let sandbox = Server::start_on(db).await;
+    let (_, db) = sandbox.terminate().await;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_payrail"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--db", &db.url])
+        .env("PAYRAIL_ADMIN_TOKEN", "a-production-token")
+        .env_remove("PAYRAIL_MASTER_KEY")
+        .env_remove("PAYRAIL_SANDBOX")
+        .kill_on_drop(true);
+    if db.inner.is_postgres() {
+        cmd.env("PAYRAIL_MASTER_KEY", support::TEST_MASTER_KEY);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("it started instead of refusing")
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "it must not have started listening");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("sandbox mode has served this database"),
+        "{stderr}"
+    );
+    // In sandbox mode it still starts.
+    let again = Server::start_on(db).await;
+    assert!(
+        again
+            .http
+            .get(again.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+}
+
 /// A server whose limits come from a config file.
 async fn start_with_limits(limits: &str) -> Server {
     let db = Db::fresh();

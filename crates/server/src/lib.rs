@@ -57,6 +57,34 @@ pub async fn build(cfg: &Config) -> Result<App, ServeError> {
         .await
         .map_err(|e| ServeError::Startup(format!("cannot open the database: {e} ({e:?})")))?;
 
+    // Sandbox fixtures stay in the database; outside sandbox mode they
+    // would be a live merchant with a published secret.
+    let sandbox_mark = if cfg.sandbox {
+        store
+            .write(payrail_store::sandbox::mark_used)
+            .await
+            .map(|()| false)
+    } else {
+        store.read(payrail_store::sandbox::was_used).await
+    };
+    match sandbox_mark {
+        Ok(false) => {}
+        Ok(true) => {
+            store.close().await;
+            return Err(ServeError::Startup(
+                "refusing to start: sandbox mode has served this database, and its fixtures \
+                 (a merchant with a published secret, a token, a coupon) are in it; \
+                 serve it with --sandbox, or use another database"
+                    .into(),
+            ));
+        }
+        Err(e) => {
+            return Err(ServeError::Startup(format!(
+                "cannot read the database: {e} ({e:?})"
+            )));
+        }
+    }
+
     let ctx = RailContext {
         store: store.clone(),
         sandbox: cfg.sandbox,

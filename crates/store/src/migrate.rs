@@ -31,6 +31,7 @@ pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
     3 "0003_mobikwik",
     4 "0004_account_deltas",
     5 "0005_otp_amount",
+    6 "0006_sandbox_mark",
 );
 
 pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
@@ -39,6 +40,7 @@ pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
     3 "0003_mobikwik",
     4 "0004_account_deltas",
     5 "0005_otp_amount",
+    6 "0006_sandbox_mark",
 );
 
 fn digest(sql: &str) -> String {
