@@ -499,6 +499,30 @@ async fn malformed_admin_input_gets_a_typed_4xx() {
     }
     let r = s.http.get(s.url("/no/such/path")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // A path segment that is not UTF-8, and a method the endpoint does not
+    // take: the same JSON errors, and 405 keeps its Allow header.
+    let r = s
+        .http
+        .get(s.url("/admin/v1/wallets/%FF"))
+        .bearer_auth(support::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_request", "{v}");
+    let r = s
+        .http
+        .delete(&url)
+        .bearer_auth(support::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(r.headers().contains_key("allow"), "{:?}", r.headers());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "method_not_allowed", "{v}");
 }
 
 #[tokio::test]

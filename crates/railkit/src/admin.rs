@@ -124,6 +124,28 @@ where
     }
 }
 
+/// `Path<T>` whose rejections (a segment that is not UTF-8 after decoding,
+/// or not a `T`) are admin errors.
+pub struct AdminPath<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for AdminPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = AdminError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(AdminPath(v)),
+            Err(r) => Err(AdminError::bad_request(r.body_text())),
+        }
+    }
+}
+
 fn json_rejection(r: JsonRejection) -> AdminError {
     let status = r.status();
     match r {

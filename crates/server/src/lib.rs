@@ -121,6 +121,13 @@ pub async fn build(cfg: &Config) -> Result<App, ServeError> {
     }
     let admin = admin
         .fallback(|| async { AdminError::not_found("no such admin endpoint") })
+        .method_not_allowed_fallback(|| async {
+            AdminError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method; see the Allow header",
+            )
+        })
         .layer(axum::middleware::from_fn_with_state(
             admin::AdminAuth::new(admin_token),
             admin::require_token,
@@ -144,9 +151,11 @@ pub async fn build(cfg: &Config) -> Result<App, ServeError> {
             Duration::from_secs(cfg.limits.body_timeout_secs),
             http::body_deadline,
         ))
-        .layer(axum::middleware::from_fn(telemetry::observe))
         .layer(DefaultBodyLimit::max(cfg.limits.max_body_bytes))
-        .layer(RequestBodyLimitLayer::new(cfg.limits.max_body_bytes));
+        .layer(RequestBodyLimitLayer::new(cfg.limits.max_body_bytes))
+        // Outermost, so that refusals by the layers above (413) carry a
+        // request id and are counted too.
+        .layer(axum::middleware::from_fn(telemetry::observe));
     Ok(App { router, store })
 }
 

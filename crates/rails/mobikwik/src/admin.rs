@@ -7,13 +7,13 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use payrail_core::{AccountId, Money, Percent};
-use payrail_railkit::admin::{self, AdminError, AdminJson};
+use payrail_railkit::admin::{self, AdminError, AdminJson, AdminPath};
 use payrail_store::mobikwik::{self as db, MerchantRow, TokenRow, WalletRow};
 use payrail_store::{StoreError, Tx, ledger};
 use secrecy::{ExposeSecret, SecretString};
@@ -331,7 +331,7 @@ async fn post_merchant(
 
 async fn get_merchant(
     State(rail): Shared,
-    Path(mid): Path<String>,
+    AdminPath(mid): AdminPath<String>,
 ) -> Result<Json<Value>, AdminError> {
     let m = rail
         .merchants
@@ -366,7 +366,7 @@ async fn post_wallet(
 
 async fn get_wallet(
     State(rail): Shared,
-    Path(cell): Path<String>,
+    AdminPath(cell): AdminPath<String>,
 ) -> Result<Json<Value>, AdminError> {
     check_cell(&cell)?;
     Ok(Json(
@@ -384,7 +384,7 @@ struct Credit {
 
 async fn credit_wallet(
     State(rail): Shared,
-    Path(cell): Path<String>,
+    AdminPath(cell): AdminPath<String>,
     AdminJson(req): AdminJson<Credit>,
 ) -> Result<Json<Value>, AdminError> {
     check_cell(&cell)?;
@@ -438,14 +438,14 @@ async fn set_blocked(rail: &Rail, cell: String, blocked: bool) -> Result<Json<Va
 
 async fn block_wallet(
     State(rail): Shared,
-    Path(cell): Path<String>,
+    AdminPath(cell): AdminPath<String>,
 ) -> Result<Json<Value>, AdminError> {
     set_blocked(&rail, cell, true).await
 }
 
 async fn unblock_wallet(
     State(rail): Shared,
-    Path(cell): Path<String>,
+    AdminPath(cell): AdminPath<String>,
 ) -> Result<Json<Value>, AdminError> {
     set_blocked(&rail, cell, false).await
 }
