@@ -442,6 +442,26 @@ async fn units_that_refuse_after_writing_leave_nothing_and_spoil_no_batch() {
     store.close().await;
 }
 
+/// Returns once `n` of payrail's statements wait for a lock (PostgreSQL).
+/// The deadline only turns a hang into a failure.
+fn wait_for_lock_waiters(url: &str, n: i64) {
+    let mut watch = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while watch
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE application_name = 'payrail' AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+        < n
+    {
+        assert!(std::time::Instant::now() < deadline, "never {n} waiting");
+        std::thread::yield_now();
+    }
+}
+
 /// PostgreSQL: another node's writer folds an account's delta rows into its
 /// row and spends the money, while this node's debit of the same account
 /// waits for the row. The debit must see the fold whole: the delta rows gone
@@ -501,26 +521,7 @@ async fn a_debit_waiting_on_a_fold_sees_the_money_once() {
     });
     // Commit the other node's work once the debit waits for the row.
     tokio::task::spawn_blocking(move || {
-        let mut watch = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let waiting: i64 = watch
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                      WHERE application_name = 'payrail' AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .unwrap()
-                .get(0);
-            if waiting > 0 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the debit never waited"
-            );
-            std::thread::yield_now();
-        }
+        wait_for_lock_waiters(&url, 1);
         go.send(()).unwrap();
     })
     .await
@@ -616,24 +617,7 @@ async fn the_same_post_on_two_nodes_answers_the_same() {
     };
     let (p1, p2) = (post(node1.clone()), post(node2.clone()));
     tokio::task::spawn_blocking(move || {
-        let mut watch = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while watch
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE application_name = 'payrail' AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-            < 2
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the posts never both waited"
-            );
-            std::thread::yield_now();
-        }
+        wait_for_lock_waiters(&url, 2);
         go.send(()).unwrap();
     })
     .await
