@@ -89,10 +89,9 @@ pub async fn serve(
 
 /// Gives each request's body a deadline (the state) to arrive whole,
 /// counted from when the handler first waits for it. hyper bounds only the
-/// head; without this a
-/// client could send a head and then stall or trickle its body, holding a
-/// connection and a task for as long as it liked. The handler's extractor
-/// sees a failed body (400) and the connection closes.
+/// head; without this a client could send a head and then stall or trickle
+/// its body, holding a connection and a task for as long as it liked. The
+/// handler's extractor sees a failed body (400) and the connection closes.
 pub async fn body_deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
     let body = Body::new(DeadlineBody {
