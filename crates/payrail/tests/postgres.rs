@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use payrail_core::Money;
 use payrail_mobikwik::client::{Client, Debit};
-use payrail_store::testkit::{TestDb, postgres_admin_url};
+use payrail_store::testkit::{self, TestDb, postgres_admin_url};
 use reqwest::StatusCode;
 use support::{Db, Server, Start, cell, counts, orderid, tally};
 
@@ -418,21 +418,8 @@ async fn a_refund_splits_cashback_from_the_order_as_committed() {
     let r = c.debit(&d).await.unwrap();
     assert_eq!((r.statuscode(), r.get("cashback")), ("0", "0.60"), "{r:?}");
 
-    let totals = |c: &mut postgres::Client| -> (i64, i64) {
-        let row = c
-            .query_one(
-                "SELECT refunded, refunded_cashback FROM mbk_orders WHERE orderid = 'SPLIT_000001'",
-                &[],
-            )
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
-    let (go, hold) = std::sync::mpsc::channel::<()>();
-    let (held, is_held) = tokio::sync::oneshot::channel::<()>();
-    let url = db.url.clone();
-    let other = tokio::task::spawn_blocking(move || {
-        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        let mut tx = c.transaction().unwrap();
+    // Another node's refund of 0.04, committing once this one waits for it.
+    let other = testkit::hold(&db.url, |tx| {
         let n = tx
             .execute(
                 "UPDATE mbk_orders SET refunded = refunded + 4 WHERE orderid = 'SPLIT_000001'",
@@ -440,44 +427,23 @@ async fn a_refund_splits_cashback_from_the_order_as_committed() {
             )
             .unwrap();
         assert_eq!(n, 1);
-        held.send(()).unwrap();
-        hold.recv().unwrap();
-        tx.commit().unwrap();
-        totals(&mut c)
-    });
-    is_held.await.unwrap();
+    })
+    .await;
     let refund =
         tokio::spawn(async move { c.refund("SPLIT_000001", "RF_SPLIT_1", "0.04", true).await });
-    let url = db.url.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut watch = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while watch
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE application_name = 'payrail' AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-            == 0
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the refund never waited"
-            );
-            std::thread::yield_now();
-        }
-        go.send(()).unwrap();
-    })
-    .await
-    .unwrap();
-    assert_eq!(other.await.unwrap(), (4, 0));
+    other.commit_once_waited_on(1).await;
     let r = refund.await.unwrap().unwrap();
     assert_eq!(r.statuscode(), "0", "{r:?}");
     let url = db.url.clone();
     let after = tokio::task::spawn_blocking(move || {
-        totals(&mut postgres::Client::connect(&url, postgres::NoTls).unwrap())
+        let row = postgres::Client::connect(&url, postgres::NoTls)
+            .unwrap()
+            .query_one(
+                "SELECT refunded, refunded_cashback FROM mbk_orders WHERE orderid = 'SPLIT_000001'",
+                &[],
+            )
+            .unwrap();
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
     })
     .await
     .unwrap();

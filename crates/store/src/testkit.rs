@@ -159,3 +159,78 @@ impl Drop for TestDb {
         }
     }
 }
+
+/// Another node caught mid-batch (PostgreSQL): a transaction on its own
+/// connection that has done some work and holds its row locks until
+/// [`Held::commit_once_waited_on`].
+pub struct Held {
+    url: String,
+    go: std::sync::mpsc::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+/// Runs `work` in a transaction at `url` and returns while it holds its locks.
+pub async fn hold<F>(url: &str, work: F) -> Held
+where
+    F: FnOnce(&mut postgres::Transaction<'_>) + Send + 'static,
+{
+    let (go, release) = std::sync::mpsc::channel::<()>();
+    let (held, is_held) = tokio::sync::oneshot::channel::<()>();
+    let conn_url = url.to_string();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&conn_url, postgres::NoTls).expect("connect");
+        let mut tx = c.transaction().expect("begin");
+        work(&mut tx);
+        let _ = held.send(());
+        let _ = release.recv();
+        tx.commit().expect("commit");
+    });
+    if is_held.await.is_err() {
+        // The work panicked: show its message, not this one.
+        match done.await {
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            other => panic!("the holding transaction ended early: {other:?}"),
+        }
+    }
+    Held {
+        url: url.to_string(),
+        go,
+        done,
+    }
+}
+
+impl Held {
+    /// Commits once `waiters` of payrail's statements wait for a lock, which
+    /// is when the race under test is set up.
+    pub async fn commit_once_waited_on(self, waiters: i64) {
+        let url = self.url.clone();
+        tokio::task::spawn_blocking(move || wait_for_lock_waiters(&url, waiters))
+            .await
+            .expect("lock watch");
+        let _ = self.go.send(());
+        self.done.await.expect("the holding transaction");
+    }
+}
+
+/// Returns once `n` of payrail's statements wait for a lock (PostgreSQL).
+/// The deadline only turns a hang into a failure.
+pub fn wait_for_lock_waiters(url: &str, n: i64) {
+    let mut watch = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while watch
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE application_name = 'payrail' AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .expect("pg_stat_activity")
+        .get::<_, i64>(0)
+        < n
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never {n} waiting for a lock"
+        );
+        std::thread::yield_now();
+    }
+}

@@ -8,6 +8,7 @@ use payrail_core::{
     AccountFlags, AccountId, Currency, LedgerError, Money, TransferOp, TransferRequest,
 };
 use payrail_store::ledger::{self, LedgerOpError};
+use payrail_store::testkit;
 use payrail_store::{Store, StoreError};
 
 async fn accounts(store: &Store, n: usize) -> Vec<AccountId> {
@@ -442,26 +443,6 @@ async fn units_that_refuse_after_writing_leave_nothing_and_spoil_no_batch() {
     store.close().await;
 }
 
-/// Returns once `n` of payrail's statements wait for a lock (PostgreSQL).
-/// The deadline only turns a hang into a failure.
-fn wait_for_lock_waiters(url: &str, n: i64) {
-    let mut watch = postgres::Client::connect(url, postgres::NoTls).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while watch
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE application_name = 'payrail' AND wait_event_type = 'Lock'",
-            &[],
-        )
-        .unwrap()
-        .get::<_, i64>(0)
-        < n
-    {
-        assert!(std::time::Instant::now() < deadline, "never {n} waiting");
-        std::thread::yield_now();
-    }
-}
-
 /// PostgreSQL: another node's writer folds an account's delta rows into its
 /// row and spends the money, while this node's debit of the same account
 /// waits for the row. The debit must see the fold whole: the delta rows gone
@@ -479,12 +460,7 @@ async fn a_debit_waiting_on_a_fold_sees_the_money_once() {
 
     // The other node: fold the wallet's delta rows, then debit all of it,
     // and hold the row until told to commit.
-    let (go, hold) = std::sync::mpsc::channel::<()>();
-    let (held, is_held) = tokio::sync::oneshot::channel::<()>();
-    let url2 = url.clone();
-    let other = tokio::task::spawn_blocking(move || {
-        let mut c = postgres::Client::connect(&url2, postgres::NoTls).unwrap();
-        let mut tx = c.transaction().unwrap();
+    let other = testkit::hold(&url, move |tx| {
         let moved = tx
             .execute(
                 "WITH gone AS (DELETE FROM account_deltas WHERE account_id = $1 RETURNING credits_posted)
@@ -495,11 +471,8 @@ async fn a_debit_waiting_on_a_fold_sees_the_money_once() {
             )
             .unwrap();
         assert_eq!(moved, 1, "the funding left a delta row");
-        held.send(()).unwrap();
-        hold.recv().unwrap();
-        tx.commit().unwrap();
-    });
-    is_held.await.unwrap();
+    })
+    .await;
 
     let store2 = store.clone();
     let debit = tokio::spawn(async move {
@@ -520,13 +493,7 @@ async fn a_debit_waiting_on_a_fold_sees_the_money_once() {
             .await
     });
     // Commit the other node's work once the debit waits for the row.
-    tokio::task::spawn_blocking(move || {
-        wait_for_lock_waiters(&url, 1);
-        go.send(()).unwrap();
-    })
-    .await
-    .unwrap();
-    other.await.unwrap();
+    other.commit_once_waited_on(1).await;
 
     match debit.await.unwrap() {
         Err(LedgerOpError::Rejected(LedgerError::InsufficientFunds(acct))) => {
@@ -581,22 +548,14 @@ async fn the_same_post_on_two_nodes_answers_the_same() {
         .id;
 
     // Hold the reservation's row while both nodes reach it.
-    let (go, hold) = std::sync::mpsc::channel::<()>();
-    let (held, is_held) = tokio::sync::oneshot::channel::<()>();
-    let url2 = url.clone();
-    let holder = tokio::task::spawn_blocking(move || {
-        let mut c = postgres::Client::connect(&url2, postgres::NoTls).unwrap();
-        let mut tx = c.transaction().unwrap();
+    let holder = testkit::hold(&url, move |tx| {
         tx.query_one(
             "SELECT id FROM transfers WHERE id = $1 FOR UPDATE",
             &[&pending.0],
         )
         .unwrap();
-        held.send(()).unwrap();
-        hold.recv().unwrap();
-        tx.commit().unwrap();
-    });
-    is_held.await.unwrap();
+    })
+    .await;
     let post = |node: Store| {
         tokio::spawn(async move {
             node.write(move |tx| {
@@ -616,13 +575,7 @@ async fn the_same_post_on_two_nodes_answers_the_same() {
         })
     };
     let (p1, p2) = (post(node1.clone()), post(node2.clone()));
-    tokio::task::spawn_blocking(move || {
-        wait_for_lock_waiters(&url, 2);
-        go.send(()).unwrap();
-    })
-    .await
-    .unwrap();
-    holder.await.unwrap();
+    holder.commit_once_waited_on(2).await;
 
     let (r1, r2) = (p1.await.unwrap(), p2.await.unwrap());
     let (r1, r2) = match (r1, r2) {
