@@ -426,13 +426,25 @@ fn order_from_row(row: &Row) -> Result<OrderRow, StoreError> {
     })
 }
 
+/// One order of `mid` by the statement's second parameter.
+fn order_where(
+    tx: &mut Tx<'_>,
+    sql: &'static str,
+    mid: &str,
+    key: &str,
+) -> Result<Option<OrderRow>, StoreError> {
+    tx.query_opt(sql, &[mid.into(), key.into()])?
+        .map(|r| order_from_row(&r))
+        .transpose()
+}
+
 pub fn order(tx: &mut Tx<'_>, mid: &str, orderid: &str) -> Result<Option<OrderRow>, StoreError> {
-    tx.query_opt(
+    order_where(
+        tx,
         select_order!("WHERE mid = ?1 AND orderid = ?2"),
-        &[mid.into(), orderid.into()],
-    )?
-    .map(|r| order_from_row(&r))
-    .transpose()
+        mid,
+        orderid,
+    )
 }
 
 /// The order, locked until the transaction ends (see `/*FOR UPDATE*/`):
@@ -442,12 +454,12 @@ pub fn lock_order(
     mid: &str,
     orderid: &str,
 ) -> Result<Option<OrderRow>, StoreError> {
-    tx.query_opt(
+    order_where(
+        tx,
         select_order!("WHERE mid = ?1 AND orderid = ?2 /*FOR UPDATE*/"),
-        &[mid.into(), orderid.into()],
-    )?
-    .map(|r| order_from_row(&r))
-    .transpose()
+        mid,
+        orderid,
+    )
 }
 
 pub fn order_by_txnid(
@@ -455,12 +467,12 @@ pub fn order_by_txnid(
     mid: &str,
     txnid: &str,
 ) -> Result<Option<OrderRow>, StoreError> {
-    tx.query_opt(
+    order_where(
+        tx,
         select_order!("WHERE mid = ?1 AND txnid = ?2"),
-        &[mid.into(), txnid.into()],
-    )?
-    .map(|r| order_from_row(&r))
-    .transpose()
+        mid,
+        txnid,
+    )
 }
 
 /// Adds a refund to an order's totals if they stay within the order.
