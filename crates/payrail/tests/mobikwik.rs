@@ -277,6 +277,44 @@ async fn get_and_post_are_the_same_and_xml_on_request() {
     );
 }
 
+/// Every endpoint takes GET and POST; any other method gets 405 with an
+/// Allow header, and a body in the provider's shape (151, unsigned), JSON
+/// or XML as asked. A signed debit sent with PUT moves nothing.
+#[tokio::test]
+async fn other_methods_get_405_in_the_rails_shape() {
+    let s = Server::start().await;
+    let c = s.client();
+    let debit = c.debit_request(&Debit::new(RICH, "10", "METHOD_0001", TOKEN));
+    let r = s
+        .http
+        .put(s.url("/debitwallet"))
+        .query(&debit.params)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers()["allow"], "GET,HEAD,POST");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["messagecode"], "504", "{v}");
+    assert_eq!(v["status"], "FAILURE", "{v}");
+    assert_eq!(v["statuscode"], "151", "{v}");
+    assert_eq!(v["checksum"], "", "{v}");
+    let r = s
+        .http
+        .delete(s.url("/checkstatus"))
+        .header("payloadtype", "xml")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("<status>FAILURE</status><statuscode>151</statuscode>"),
+        "{body}"
+    );
+    assert_eq!(s.wallet_balance(RICH).await, "10000.00");
+}
+
 /// Razorpay's OTP-then-debit flow: `/debitwallet` with the OTP instead of a
 /// token. The OTP authorises one debit of at most the amount it was
 /// requested for.

@@ -269,23 +269,60 @@ async fn flags_and_environment_override_the_config_file() {
     }
 }
 
-/// Sends a request head announcing a body of `length` bytes, sends no body,
-/// and returns the status line of the answer.
-async fn status_without_body(s: &Server, method_path: &str, extra: &str, length: usize) -> String {
+/// Sends `head` (the request line and headers, without the blank line that
+/// ends them) and then `body`, and returns the answer: the head, and the
+/// body of its `content-length`. A server that leaves the connection without
+/// a whole answer fails the test; one that never answers, after 20 s.
+async fn raw_exchange(s: &Server, head: &str, body: &[u8]) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = s.base.trim_start_matches("http://");
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "{method_path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {length}\r\n\r\n"
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = conn.read(&mut buf).await.unwrap();
-    String::from_utf8_lossy(&buf[..n])
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    conn.write_all(format!("{head}\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // The server may answer and close before taking all of it.
+    let _ = conn.write_all(body).await;
+    let read = async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if rest.len() >= len {
+                    return (head.to_string(), rest[..len].to_string());
+                }
+            }
+            let n = conn.read(&mut buf).await.unwrap_or(0);
+            assert!(n > 0, "connection closed before a whole answer: {text:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .expect("no answer")
+}
+
+/// A chunked body of `total` bytes of `fill`, 8 KiB to a chunk.
+fn chunked(total: usize, fill: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(8192);
+        out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+        out.extend(std::iter::repeat_n(fill, n));
+        out.extend_from_slice(b"\r\n");
+        left -= n;
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
 }
 
 /// Sandbox fixtures stay in the database, among them a merchant whose
@@ -366,9 +403,14 @@ async fn a_stalled_body_is_cut_off() {
         "Authorization: Bearer {}\r\nContent-Type: application/json\r\n",
         support::ADMIN_TOKEN
     );
-    for (target, extra, start) in [
-        ("POST /debitwallet", "", "mid="),
-        ("POST /admin/v1/wallets", auth.as_str(), "{\"cell\""),
+    for (target, extra, start, wants) in [
+        ("POST /debitwallet", "", "mid=", "\"statuscode\":\"151\""),
+        (
+            "POST /admin/v1/wallets",
+            auth.as_str(),
+            "{\"cell\"",
+            "\"code\":\"invalid_request\"",
+        ),
     ] {
         let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
         let head = format!(
@@ -383,6 +425,7 @@ async fn a_stalled_body_is_cut_off() {
             .unwrap();
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 400"), "{target}: {answer}");
+        assert!(answer.contains(wants), "{target}: {answer}");
     }
     // The server still answers.
     assert!(
@@ -419,22 +462,78 @@ async fn connections_past_the_cap_wait_for_a_free_one() {
     assert!(status.is_success());
 }
 
+/// Over the body limit, each family answers in its own shape: a wire
+/// endpoint with the provider's 151 (in XML if asked), the admin API with
+/// its JSON error. A declared length alone is refused, before a byte of the
+/// body is sent; a chunked body is cut off at the limit.
 #[tokio::test]
-async fn oversized_bodies_and_headers_are_refused_unread() {
+async fn oversized_bodies_and_headers_are_refused_in_each_shape() {
     let s = Server::start().await;
-    // The answer comes before a single byte of the body was sent: nothing is
-    // buffered, the declared size alone is refused.
-    let auth = format!(
-        "Authorization: Bearer {}\r\nContent-Type: application/json\r\n",
+    let admin = format!(
+        "Authorization: Bearer {}\r\nContent-Type: application/json",
         support::ADMIN_TOKEN
     );
-    for (target, extra) in [
-        ("POST /admin/v1/wallets", auth.as_str()),
-        ("POST /debitwallet", ""),
-    ] {
-        let status = status_without_body(&s, target, extra, 200 * 1024).await;
-        assert!(status.starts_with("HTTP/1.1 413"), "{target}: {status}");
+    let big = 200 * 1024;
+    for framing in ["declared", "chunked"] {
+        for (target, extra, wants) in [
+            (
+                "POST /admin/v1/wallets",
+                admin.as_str(),
+                "\"code\":\"payload_too_large\"",
+            ),
+            (
+                "POST /debitwallet?msgcode=504",
+                "Content-Type: application/x-www-form-urlencoded",
+                "\"messagecode\":\"504\",\"status\":\"FAILURE\",\"statuscode\":\"151\"",
+            ),
+            (
+                "POST /debitwallet",
+                "payloadtype: xml",
+                "<status>FAILURE</status><statuscode>151</statuscode>",
+            ),
+        ] {
+            let (head, body) = match framing {
+                "declared" => {
+                    raw_exchange(
+                        &s,
+                        &format!("{target} HTTP/1.1\r\n{extra}\r\nContent-Length: {big}"),
+                        b"",
+                    )
+                    .await
+                }
+                _ => {
+                    raw_exchange(
+                        &s,
+                        &format!("{target} HTTP/1.1\r\n{extra}\r\nTransfer-Encoding: chunked"),
+                        &chunked(big, b'a'),
+                    )
+                    .await
+                }
+            };
+            assert!(
+                head.starts_with("HTTP/1.1 413"),
+                "{framing} {target}: {head}"
+            );
+            assert!(body.contains(wants), "{framing} {target}: {body}");
+        }
     }
+    // Just under the limit is read and answered as usual (an unknown mid).
+    let config_limit = 64 * 1024;
+    let filler = format!(
+        "mid=NOPE&msgcode=504&comment={}",
+        "x".repeat(config_limit - 60)
+    );
+    let (head, body) = raw_exchange(
+        &s,
+        &format!(
+            "POST /debitwallet HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}",
+            filler.len()
+        ),
+        filler.as_bytes(),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains("\"statuscode\":\"22\""), "{body}");
     let r = s
         .http
         .get(s.url("/healthz"))

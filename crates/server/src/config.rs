@@ -125,7 +125,7 @@ impl PostgresConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Largest request body, bytes; larger is 413.
+    /// Largest request body, bytes; larger is 413 (see `http::guard_body`).
     pub max_body_bytes: usize,
     /// Largest request head (request line and headers), bytes; larger is 431.
     pub max_header_bytes: usize,

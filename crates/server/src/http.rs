@@ -14,6 +14,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
+use http_body_util::{Full, Limited};
 use hyper::body::{Bytes, Frame, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -87,18 +88,46 @@ pub async fn serve(
     }
 }
 
-/// Gives each request's body a deadline (the state) to arrive whole,
-/// counted from when the handler first waits for it. hyper bounds only the
-/// head; without this a client could send a head and then stall or trickle
-/// its body, holding a connection and a task for as long as it liked. The
-/// handler's extractor sees a failed body (400) and the connection closes.
-pub async fn body_deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+/// What every request body is held to: at most `max_bytes`, whole within
+/// `deadline` of the handler first waiting for it.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    pub deadline: Duration,
+}
+
+/// Bounds every request's body, in size and in time. hyper bounds only the
+/// head; without the deadline a client could send a head and then stall or
+/// trickle its body, holding a connection and a task for as long as it
+/// liked.
+///
+/// Over either bound the body fails; this middleware never answers itself.
+/// The refusal belongs to whoever reads the body, because its shape does: a
+/// provider's wire endpoint answers in that provider's error format, the
+/// admin API in its JSON. A body declared larger than the limit fails at its
+/// first read, before any of it is taken from the socket; a chunked one as
+/// soon as it passes the limit. Extractors see a `LengthLimitError` (413) or
+/// an unknown body error (400), and the connection closes after the answer.
+pub async fn guard_body(State(limits): State<BodyLimits>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
-    let body = Body::new(DeadlineBody {
-        inner: body,
-        limit,
-        deadline: None,
-    });
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let body = if declared.is_some_and(|n| n > limits.max_bytes as u64) {
+        // Fails at its first read with http-body-util's own error, which
+        // axum maps to 413 (that error cannot be built outside its crate).
+        // The socket's body is dropped unread.
+        Body::new(Limited::new(Full::new(Bytes::from_static(b"!")), 0))
+    } else {
+        let timed = DeadlineBody {
+            inner: body,
+            limit: limits.deadline,
+            deadline: None,
+        };
+        Body::new(Limited::new(timed, limits.max_bytes))
+    };
     next.run(Request::from_parts(parts, body)).await
 }
 

@@ -19,7 +19,6 @@ use payrail_core::SystemClock;
 use payrail_railkit::admin::AdminError;
 use payrail_railkit::{Rail, RailContext};
 use payrail_store::{Options, Store, ledger};
-use tower_http::limit::RequestBodyLimitLayer;
 
 pub use config::{Config, ConfigError, ServeArgs};
 
@@ -121,13 +120,7 @@ pub async fn build(cfg: &Config) -> Result<App, ServeError> {
     }
     let admin = admin
         .fallback(|| async { AdminError::not_found("no such admin endpoint") })
-        .method_not_allowed_fallback(|| async {
-            AdminError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this endpoint does not take that method; see the Allow header",
-            )
-        })
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             admin::AdminAuth::new(admin_token),
             admin::require_token,
@@ -141,22 +134,37 @@ pub async fn build(cfg: &Config) -> Result<App, ServeError> {
             "/metrics",
             get(move || std::future::ready(metrics.render())),
         )
+        .method_not_allowed_fallback(method_not_allowed)
         .nest("/admin/v1", admin);
+    // Each rail answers a wrong method on its own paths in its own shape.
     for rail in &rails {
         router = router.merge(rail.routes());
     }
     let router = router
         .fallback(|| async { AdminError::not_found("no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(
-            Duration::from_secs(cfg.limits.body_timeout_secs),
-            http::body_deadline,
+            http::BodyLimits {
+                max_bytes: cfg.limits.max_body_bytes,
+                deadline: Duration::from_secs(cfg.limits.body_timeout_secs),
+            },
+            http::guard_body,
         ))
-        .layer(DefaultBodyLimit::max(cfg.limits.max_body_bytes))
-        .layer(RequestBodyLimitLayer::new(cfg.limits.max_body_bytes))
-        // Outermost, so that refusals by the layers above (413) carry a
-        // request id and are counted too.
+        // The guard above is the bound; this only keeps axum's own 2 MiB
+        // default from being a second, different one.
+        .layer(DefaultBodyLimit::disable())
+        // Outermost, so that every answer carries a request id and is counted.
         .layer(axum::middleware::from_fn(telemetry::observe));
     Ok(App { router, store })
+}
+
+/// 405 for payrail's own endpoints (admin, health, metrics); axum adds the
+/// Allow header.
+async fn method_not_allowed() -> AdminError {
+    AdminError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method; see the Allow header",
+    )
 }
 
 async fn readyz(State(store): State<Store>) -> impl IntoResponse {

@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::get;
 use futures::future::BoxFuture;
@@ -114,6 +115,16 @@ endpoint!(userbalance => balance);
 endpoint!(querywallet => query_wallet);
 endpoint!(createwalletuser => create_wallet_user);
 
+/// PUT, DELETE and the like: 405 (with axum's Allow header), in the rail's
+/// shape.
+async fn method_not_allowed(RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
+    wire::refusal(
+        StatusCode::METHOD_NOT_ALLOWED,
+        query.as_deref(),
+        wire::Format::of(&headers),
+    )
+}
+
 impl Rail for MobikwikRail {
     fn name(&self) -> &'static str {
         "mobikwik"
@@ -136,6 +147,7 @@ impl Rail for MobikwikRail {
                 "/createwalletuser",
                 get(createwalletuser).post(createwalletuser),
             )
+            .method_not_allowed_fallback(method_not_allowed)
             .with_state(Arc::clone(&self.inner))
     }
 

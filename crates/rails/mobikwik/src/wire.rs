@@ -3,7 +3,7 @@
 
 use axum::extract::{FromRequest, Request};
 use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use payrail_core::Money;
 
@@ -165,27 +165,49 @@ pub struct WireRequest {
     pub format: Format,
 }
 
+impl Format {
+    /// From the request header `payloadtype`.
+    pub fn of(headers: &HeaderMap) -> Format {
+        match headers.get("payloadtype").and_then(|v| v.to_str().ok()) {
+            Some(v) if v.trim().eq_ignore_ascii_case("xml") => Format::Xml,
+            _ => Format::Json,
+        }
+    }
+}
+
 impl<S: Send + Sync> FromRequest<S> for WireRequest {
     type Rejection = Response;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let format = match req
-            .headers()
-            .get("payloadtype")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(v) if v.trim().eq_ignore_ascii_case("xml") => Format::Xml,
-            _ => Format::Json,
-        };
+        let format = Format::of(req.headers());
         let query = req.uri().query().map(str::to_owned);
-        let body = bytes::Bytes::from_request(req, state)
-            .await
-            .map_err(IntoResponse::into_response)?;
+        let body = match bytes::Bytes::from_request(req, state).await {
+            Ok(body) => body,
+            // Too large (413), or it stalled or broke off (400).
+            Err(e) => return Err(refusal(e.status(), query.as_deref(), format)),
+        };
         Ok(WireRequest {
             params: Params::from_parts(query.as_deref(), &body),
             format,
         })
     }
+}
+
+/// The answer to a request that never reached its endpoint: a body over the
+/// size limit or not received in time, or a method other than GET and POST.
+/// It is 151 in the rail's own shape, so that a client that reads only the
+/// body still gets a FAILURE it knows, with the HTTP status saying which.
+/// It is unsigned, because nothing was authenticated, and it repeats the
+/// query's msgcode only when that is one.
+pub fn refusal(status: StatusCode, query: Option<&str>, format: Format) -> Response {
+    let msgcode = Params::from_parts(query, b"")
+        .opt("msgcode")
+        .filter(|m| m.len() <= 4 && m.bytes().all(|b| b.is_ascii_digit()))
+        .unwrap_or("")
+        .to_string();
+    let mut resp = Answer::status(&msgcode, Code::ParamsInvalid).render(None, format);
+    *resp.status_mut() = status;
+    resp
 }
 
 /// Declares the status codes once: the enum, its numbers, descriptions and
