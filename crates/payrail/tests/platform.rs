@@ -159,6 +159,64 @@ async fn sandbox_messages_list_otps_newest_first() {
     assert_eq!(none, json!([]));
 }
 
+/// Sent messages are pruned once older than `store.outbox_retention_hours`
+/// (24) by the store's clock, so moving the sandbox clock ahead lets the
+/// server's once-a-second sweep take them, and only them.
+#[tokio::test]
+async fn sent_messages_are_pruned_after_the_retention() {
+    let s = Server::start().await;
+    let c = s.client();
+    let path = "/sandbox/messages?to=9910057241";
+    let advance = |hours: i64| {
+        let s = &s;
+        async move {
+            let body = json!({ "advance_seconds": hours * 3600 });
+            let (status, _) = s.admin_post("/sandbox/clock", body).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+    };
+    let otps = || async {
+        let (_, v) = s.admin_get(path).await;
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["otp"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        c.otp_generate("9910057241", "1")
+            .await
+            .unwrap()
+            .is_success()
+    );
+    let first = otps().await;
+    advance(23).await;
+    assert!(
+        c.otp_generate("9910057241", "1")
+            .await
+            .unwrap()
+            .is_success()
+    );
+    let both = otps().await;
+    assert_eq!(both.len(), 2);
+    assert_eq!(both[1], first[0]);
+    // The first is now 25 hours old, the second 2.
+    advance(2).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = otps().await;
+        if left.len() == 1 {
+            assert_eq!(left[0], both[0], "the newer one was pruned");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a message older than the retention is still there: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn sandbox_endpoints_are_404_outside_sandbox() {
     let start = Start {
@@ -187,6 +245,37 @@ async fn sandbox_endpoints_are_404_outside_sandbox() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// A zero that would disable a bound (or prune every message at once) is
+/// refused at start, with the key named.
+#[test]
+fn zero_bounds_are_refused_at_start() {
+    let db = Db::fresh();
+    let file = db.dir().join("zero.toml");
+    for (section, key) in [
+        ("limits", "body_timeout_secs"),
+        ("limits", "max_connections"),
+        ("store", "outbox_retention_hours"),
+    ] {
+        std::fs::write(&file, format!("[{section}]\n{key} = 0\n")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_payrail"))
+            .args([
+                "serve",
+                "--sandbox",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                &db.url,
+            ])
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{key} = 0 was accepted");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains(key), "{key}: {stderr}");
+    }
 }
 
 #[tokio::test]

@@ -67,6 +67,8 @@ pub struct StoreConfig {
     pub max_batch: usize,
     /// Reader connections.
     pub readers: usize,
+    /// Hours a sent message (an OTP's SMS) is kept before it is pruned.
+    pub outbox_retention_hours: u32,
 }
 
 impl Default for StoreConfig {
@@ -74,6 +76,7 @@ impl Default for StoreConfig {
         StoreConfig {
             max_batch: 1024,
             readers: 8,
+            outbox_retention_hours: 24,
         }
     }
 }
@@ -214,6 +217,11 @@ impl Config {
         if file.limits.body_timeout_secs == 0 || file.limits.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "limits.body_timeout_secs and limits.max_connections must be at least 1".into(),
+            ));
+        }
+        if file.store.outbox_retention_hours == 0 {
+            return Err(ConfigError::Invalid(
+                "store.outbox_retention_hours must be at least 1".into(),
             ));
         }
         let master_key = match env("PAYRAIL_MASTER_KEY").or(file.master_key) {

@@ -18,7 +18,7 @@ use axum::routing::get;
 use payrail_core::SystemClock;
 use payrail_railkit::admin::AdminError;
 use payrail_railkit::{Rail, RailContext};
-use payrail_store::{Options, Store, ledger};
+use payrail_store::{Options, Store, Tx, ledger, outbox};
 
 pub use config::{Config, ConfigError, ServeArgs};
 
@@ -177,9 +177,11 @@ async fn readyz(State(store): State<Store>) -> impl IntoResponse {
     }
 }
 
-/// Once a second: voids reservations as they expire, and folds accounts'
-/// delta rows into the accounts (PostgreSQL).
-fn spawn_expiry_sweeper(store: Store) {
+/// Once a second: voids reservations as they expire, folds accounts' delta
+/// rows into the accounts (PostgreSQL), and prunes sent messages older than
+/// `outbox_retention` (by the store's clock, so the sandbox clock moves it).
+/// Each is its own unit of work, so one failing does not hold up the others.
+fn spawn_sweeper(store: Store, outbox_retention: Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -190,6 +192,13 @@ fn spawn_expiry_sweeper(store: Store) {
             }
             if let Err(e) = store.write(|tx| ledger::fold_deltas(tx, 1_000)).await {
                 tracing::warn!(error = ?e, "folding account deltas failed");
+            }
+            let prune = move |tx: &mut Tx<'_>| {
+                let before = tx.now().minus(outbox_retention);
+                outbox::prune(tx, before, 1_000)
+            };
+            if let Err(e) = store.write(prune).await {
+                tracing::warn!(error = ?e, "pruning the outbox failed");
             }
         }
     });
@@ -206,7 +215,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         .local_addr()
         .map_err(|e| ServeError::Startup(e.to_string()))?;
     telemetry::spawn_metrics_upkeep(telemetry::init_metrics());
-    spawn_expiry_sweeper(app.store.clone());
+    spawn_sweeper(
+        app.store.clone(),
+        Duration::from_secs(u64::from(cfg.store.outbox_retention_hours) * 3600),
+    );
     tracing::info!(%addr, sandbox = cfg.sandbox, db = ?cfg.db, "payrail listening");
     // One machine-readable line on stdout, for scripts and tests that start
     // the server on port 0.

@@ -32,6 +32,7 @@ pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
     4 "0004_account_deltas",
     5 "0005_otp_amount",
     6 "0006_sandbox_mark",
+    7 "0007_outbox_by_time",
 );
 
 pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
@@ -41,6 +42,7 @@ pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
     4 "0004_account_deltas",
     5 "0005_otp_amount",
     6 "0006_sandbox_mark",
+    7 "0007_outbox_by_time",
 );
 
 fn digest(sql: &str) -> String {

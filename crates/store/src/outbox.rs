@@ -1,5 +1,6 @@
 //! Messages the server "sends" (OTPs by SMS). Without a real gateway they stay
-//! here; the sandbox lets tests read them. Text and OTP are sealed.
+//! here until they are pruned; the sandbox lets tests read them. Text and OTP
+//! are sealed.
 
 use payrail_core::Timestamp;
 
@@ -72,4 +73,16 @@ pub fn list(tx: &mut Tx<'_>, to: Option<&str>, limit: i64) -> Result<Vec<Message
             })
         })
         .collect()
+}
+
+/// Deletes up to `limit` messages sent before `before`, oldest first; how
+/// many. A message is only worth keeping while what it carries can be used
+/// (an OTP lives minutes), and without this the table, sealed OTPs and all,
+/// would only grow.
+pub fn prune(tx: &mut Tx<'_>, before: Timestamp, limit: i64) -> Result<u64, StoreError> {
+    tx.execute(
+        "DELETE FROM outbox_messages WHERE id IN
+           (SELECT id FROM outbox_messages WHERE sent_at < ?1 ORDER BY sent_at LIMIT ?2)",
+        &[before.millis().into(), limit.into()],
+    )
 }

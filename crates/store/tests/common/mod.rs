@@ -16,6 +16,10 @@ impl ManualClock {
     pub fn at(ms: i64) -> Arc<ManualClock> {
         Arc::new(ManualClock(AtomicI64::new(ms)))
     }
+
+    pub fn set(&self, ms: i64) {
+        self.0.store(ms, Ordering::SeqCst);
+    }
 }
 
 impl Clock for ManualClock {
