@@ -318,6 +318,7 @@ impl Store {
                 let checkpointer = Arc::new(sqlite::Checkpointer::start(
                     &path,
                     sqlite::CHECKPOINT_FRAMES,
+                    sqlite::WAL_BOUND_FRAMES,
                 )?);
                 let writer_conn = checkpointer.open_writer(&path)?;
                 let marks = durable::Watermarks::new();

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rusqlite::config::DbConfig;
@@ -22,6 +22,8 @@ pub(crate) enum Role {
 
 pub(crate) struct SqliteConn {
     conn: Connection,
+    /// The writer's: what its commits wait on when the WAL is over its bound.
+    wal: Option<Arc<WalGauge>>,
 }
 
 impl SqliteConn {
@@ -62,7 +64,7 @@ impl SqliteConn {
             Role::Checkpointer => Ok(()),
         }
         .map_err(classify)?;
-        Ok(SqliteConn { conn })
+        Ok(SqliteConn { conn, wal: None })
     }
 }
 
@@ -164,6 +166,9 @@ impl Conn for SqliteConn {
     }
 
     fn control(&mut self, c: Control) -> Result<(), DbError> {
+        if let (Control::BeginWrite, Some(wal)) = (c, &self.wal) {
+            wal.admit(&self.conn);
+        }
         let statements: &[&str] = match c {
             Control::BeginWrite => &["BEGIN IMMEDIATE"],
             Control::Commit => &["COMMIT"],
@@ -198,6 +203,7 @@ pub(crate) struct Checkpointer {
     kick: flume::Sender<()>,
     /// Frames in the WAL that start a checkpoint.
     threshold: i32,
+    gauge: Arc<WalGauge>,
     /// Checkpoint passes so far (read by tests).
     #[cfg_attr(not(test), allow(dead_code))]
     passes: Arc<AtomicU64>,
@@ -206,25 +212,124 @@ pub(crate) struct Checkpointer {
 /// WAL size (in frames, 64 MiB of 4 KiB pages) that starts a checkpoint.
 pub(crate) const CHECKPOINT_FRAMES: i32 = 16384;
 
+/// WAL size (in frames, 256 MiB) past which the writer starts the WAL again
+/// before it begins another transaction (see [`WalGauge`]).
+pub(crate) const WAL_BOUND_FRAMES: i32 = 4 * CHECKPOINT_FRAMES;
+
+/// Longest the writer tries to start the WAL again at the bound. A reader
+/// that never ends, or a checkpoint that keeps failing (a full disk), must
+/// not stop every write for good; past this the writer goes on, and says so.
+const WAL_BOUND_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Keeps the WAL bounded when the checkpointer falls behind. A writer that
+/// commits every millisecond can outrun it (a database much larger than the
+/// page cache, a slow disk, readers that always hold a snapshot in the WAL),
+/// and the WAL only starts again from its beginning once it is wholly copied
+/// and no reader is in it, so it then grows without end: 1.5 GB in one
+/// measured run, which a restart must read back whole before it serves.
+/// Past [`WAL_BOUND_FRAMES`] the writer, before its next transaction, runs a
+/// RESTART checkpoint itself: it copies what is left, waits for readers to
+/// leave the WAL, and so makes that transaction start the WAL again. Writes
+/// wait meanwhile; that is the back-pressure. Below the bound this costs one
+/// atomic load per transaction.
+pub(crate) struct WalGauge {
+    /// Frames in the WAL after the writer's last commit.
+    frames: AtomicI32,
+    bound: i32,
+    /// WAL size that makes the writer act: `bound`, or after it gave up once,
+    /// a further `bound` past where it gave up (so a reader that outstays the
+    /// patience costs one wait per `bound` frames, not one per transaction).
+    next_check: AtomicI32,
+    /// Times the writer found the WAL at its bound (read by tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    waits: AtomicU64,
+}
+
+impl WalGauge {
+    /// Called by the writer, on its own connection, before each transaction.
+    fn admit(&self, conn: &Connection) {
+        let frames = self.frames.load(Ordering::Relaxed);
+        if frames < self.next_check.load(Ordering::Relaxed) {
+            return;
+        }
+        metrics::counter!("payrail_sqlite_wal_bound_waits_total").increment(1);
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        loop {
+            // (1 if it could not finish, frames, frames copied). Readers are
+            // waited for through the busy timeout; the checkpointer's own
+            // pass, if one is running, makes it answer 1 (or BUSY) at once.
+            match conn
+                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
+                .map_err(classify)
+            {
+                Ok(0) => {
+                    self.frames.store(0, Ordering::Relaxed);
+                    self.next_check.store(self.bound, Ordering::Relaxed);
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind == DbErrorKind::Retryable => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "WAL checkpoint at the bound failed");
+                    self.give_up(frames);
+                    return;
+                }
+            }
+            if started.elapsed() >= WAL_BOUND_PATIENCE {
+                tracing::warn!(
+                    frames,
+                    "the WAL is past its bound and could not be started again; writing on"
+                );
+                self.give_up(frames);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn give_up(&self, frames: i32) {
+        self.next_check
+            .store(frames.saturating_add(self.bound), Ordering::Relaxed);
+    }
+}
+
 impl Checkpointer {
     /// The thread runs until the `Checkpointer` and every writer connection
     /// it adopted are gone (they hold its only senders).
-    pub(crate) fn start(path: &Path, threshold: i32) -> Result<Checkpointer, DbError> {
+    pub(crate) fn start(path: &Path, threshold: i32, bound: i32) -> Result<Checkpointer, DbError> {
         let conn = SqliteConn::open(path, Role::Checkpointer)?;
         let (kick, rx) = flume::bounded::<()>(1);
+        let gauge = Arc::new(WalGauge {
+            frames: AtomicI32::new(0),
+            bound,
+            next_check: AtomicI32::new(bound),
+            waits: AtomicU64::new(0),
+        });
         let passes = Arc::new(AtomicU64::new(0));
         let counted = Arc::clone(&passes);
         std::thread::Builder::new()
             .name("payrail-checkpoint".into())
             .spawn(move || {
                 while rx.recv().is_ok() {
+                    let mut last = None;
                     loop {
                         let pass = checkpoint(&conn.conn);
                         counted.fetch_add(1, Ordering::Relaxed);
                         match pass {
-                            // Caught up (or nothing to do): wait for a commit.
-                            Ok((log, done)) if done >= log => break,
-                            Ok(_) => continue,
+                            Ok((log, done)) => {
+                                // Caught up (or nothing to do): wait for a commit.
+                                if done >= log {
+                                    break;
+                                }
+                                // No progress: a reader still needs the
+                                // frames left. Wait a little (or for a commit)
+                                // rather than spin.
+                                if last == Some((log, done)) {
+                                    let _ = rx.recv_timeout(Duration::from_millis(1));
+                                }
+                                last = Some((log, done));
+                            }
                             Err(e) => {
                                 tracing::warn!(error = %e, "WAL checkpoint failed");
                                 break;
@@ -238,6 +343,7 @@ impl Checkpointer {
         Ok(Checkpointer {
             kick,
             threshold,
+            gauge,
             passes,
         })
     }
@@ -249,6 +355,7 @@ impl Checkpointer {
     pub(crate) fn open_writer(&self, path: &Path) -> Result<SqliteConn, DbError> {
         let mut conn = SqliteConn::open(path, Role::Writer)?;
         self.watch(&mut conn)?;
+        conn.wal = Some(Arc::clone(&self.gauge));
         // Commits are not synced by the engine but by the pipeline (see
         // `durable`). NORMAL rather than OFF: in WAL mode NORMAL still syncs
         // the WAL's header each time the WAL starts again from its
@@ -273,6 +380,7 @@ impl Checkpointer {
     fn watch(&self, writer: &mut SqliteConn) -> Result<(), DbError> {
         let kick = self.kick.clone();
         let threshold = self.threshold;
+        let gauge = Arc::clone(&self.gauge);
         let mut last = 0;
         writer
             .conn
@@ -282,9 +390,12 @@ impl Checkpointer {
                     let written = if frames >= last {
                         frames - last
                     } else {
+                        // Started again: the bound is the plain one again.
+                        gauge.next_check.store(gauge.bound, Ordering::Relaxed);
                         frames
                     };
                     last = frames;
+                    gauge.frames.store(frames, Ordering::Relaxed);
                     metrics::histogram!("payrail_sqlite_wal_frames_per_commit")
                         .record(f64::from(written));
                     if frames >= threshold {
@@ -320,7 +431,7 @@ mod tests {
             .batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
             .unwrap();
         drop(setup);
-        let checkpointer = Checkpointer::start(&path, 1).unwrap();
+        let checkpointer = Checkpointer::start(&path, 1, i32::MAX).unwrap();
         let first = checkpointer.open_writer(&path).unwrap();
         drop(first); // as the writer does when the database reports an error
         let mut second = checkpointer.open_writer(&path).unwrap();
@@ -338,6 +449,106 @@ mod tests {
             );
             std::thread::yield_now();
         }
+    }
+
+    /// With a checkpointer that never catches up (here: never asked to), the
+    /// writer itself starts the WAL again once it passes the bound, so the
+    /// WAL file stops growing there.
+    #[test]
+    fn the_wal_stays_within_its_bound_when_the_checkpointer_falls_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut setup = SqliteConn::open(&path, Role::Writer).unwrap();
+        setup
+            .batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+            .unwrap();
+        drop(setup);
+        const BOUND: i32 = 64;
+        let checkpointer = Checkpointer::start(&path, i32::MAX, BOUND).unwrap();
+        let mut writer = checkpointer.open_writer(&path).unwrap();
+        let wal = dir.path().join("t.db-wal");
+        let frame = 4096 + 24;
+        let mut largest = 0;
+        for _ in 0..400 {
+            writer.control(Control::BeginWrite).unwrap();
+            writer
+                .execute("INSERT INTO t (v) VALUES (zeroblob(3000))", &[])
+                .unwrap();
+            writer.control(Control::Commit).unwrap();
+            largest = largest.max(std::fs::metadata(&wal).unwrap().len());
+        }
+        // The bound, plus the commit that crossed it (a few pages), plus the
+        // header.
+        assert!(
+            largest <= (BOUND as u64 + 8) * frame + 32,
+            "the WAL grew to {largest} bytes ({} frames)",
+            largest / frame
+        );
+        // Every row is there.
+        let n = writer.query("SELECT count(*) FROM t", &[]).unwrap();
+        assert_eq!(n[0].int(0).unwrap(), 400);
+    }
+
+    /// A reader inside the WAL keeps it from starting again: at the bound
+    /// the writer waits for that reader to leave, then starts it again.
+    #[test]
+    fn at_the_bound_the_writer_waits_for_readers_to_leave_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut setup = SqliteConn::open(&path, Role::Writer).unwrap();
+        setup
+            .batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+            .unwrap();
+        drop(setup);
+        const BOUND: i32 = 64;
+        let checkpointer = Checkpointer::start(&path, i32::MAX, BOUND).unwrap();
+        let mut writer = checkpointer.open_writer(&path).unwrap();
+        let commit = |w: &mut SqliteConn| {
+            w.control(Control::BeginWrite).unwrap();
+            w.execute("INSERT INTO t (v) VALUES (zeroblob(3000))", &[])
+                .unwrap();
+            w.control(Control::Commit).unwrap();
+        };
+        commit(&mut writer);
+        // A reader whose snapshot is in the WAL, held until told.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (pinned, is_pinned) = std::sync::mpsc::channel::<()>();
+        let reader_path = path.clone();
+        let reader = std::thread::spawn(move || {
+            let mut r = SqliteConn::open(&reader_path, Role::Reader).unwrap();
+            r.batch("BEGIN").unwrap();
+            r.query("SELECT count(*) FROM t", &[]).unwrap();
+            pinned.send(()).unwrap();
+            released.recv().unwrap();
+            r.batch("COMMIT").unwrap();
+        });
+        is_pinned.recv().unwrap();
+        let gauge = Arc::clone(&checkpointer.gauge);
+        let writing = std::thread::spawn(move || {
+            for _ in 0..200 {
+                commit(&mut writer);
+            }
+            writer
+        });
+        // The writer reaches the bound and waits there.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while gauge.waits.load(Ordering::Relaxed) == 0 {
+            assert!(std::time::Instant::now() < deadline, "never waited");
+            std::thread::yield_now();
+        }
+        assert!(!writing.is_finished(), "wrote past the bound");
+        release.send(()).unwrap();
+        reader.join().unwrap();
+        let mut writer = writing.join().unwrap();
+        let wal = std::fs::metadata(dir.path().join("t.db-wal"))
+            .unwrap()
+            .len();
+        assert!(
+            wal <= (BOUND as u64 + 8) * (4096 + 24) + 32,
+            "the WAL grew to {wal} bytes"
+        );
+        let n = writer.query("SELECT count(*) FROM t", &[]).unwrap();
+        assert_eq!(n[0].int(0).unwrap(), 201);
     }
 
     /// Statements come from the cache compiled once: a recompilation on
