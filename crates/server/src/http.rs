@@ -118,7 +118,7 @@ pub async fn guard_body(State(limits): State<BodyLimits>, req: Request, next: Ne
     let body = if declared.is_some_and(|n| n > limits.max_bytes as u64) {
         // Fails at its first read with http-body-util's own error, which
         // axum maps to 413 (that error cannot be built outside its crate).
-        // The socket's body is dropped unread.
+        // The socket's body is never read.
         Body::new(Limited::new(Full::new(Bytes::from_static(b"!")), 0))
     } else {
         let timed = DeadlineBody {

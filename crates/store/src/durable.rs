@@ -1,7 +1,8 @@
 //! Pipelined durability for SQLite: the writer commits without syncing and
 //! starts its next batch at once; this thread syncs the WAL and only then
 //! answers the batch's callers. One fdatasync covers every batch committed
-//! before it began, and the writer never waits for the disk.
+//! before it began, and the writer does not wait for the disk (except when
+//! the WAL reaches its bound; see `sqlite::WalGauge`).
 //!
 //! Committed but not yet synced data is visible to SQLite readers, so reads
 //! go through a barrier: the writer announces a batch's number before its

@@ -78,11 +78,14 @@ pub fn list(tx: &mut Tx<'_>, to: Option<&str>, limit: i64) -> Result<Vec<Message
 /// Deletes up to `limit` messages sent before `before`, oldest first; how
 /// many. A message is only worth keeping while what it carries can be used
 /// (an OTP lives minutes), and without this the table, sealed OTPs and all,
-/// would only grow.
+/// would only grow. Every node prunes; on PostgreSQL each skips the rows
+/// another is already deleting, rather than wait for (or deadlock with) its
+/// batch.
 pub fn prune(tx: &mut Tx<'_>, before: Timestamp, limit: i64) -> Result<u64, StoreError> {
     tx.execute(
         "DELETE FROM outbox_messages WHERE id IN
-           (SELECT id FROM outbox_messages WHERE sent_at < ?1 ORDER BY sent_at LIMIT ?2)",
+           (SELECT id FROM outbox_messages WHERE sent_at < ?1 ORDER BY sent_at LIMIT ?2
+            /*FOR UPDATE SKIP LOCKED*/)",
         &[before.millis().into(), limit.into()],
     )
 }

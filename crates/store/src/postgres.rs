@@ -1,8 +1,9 @@
 //! The PostgreSQL engine: several payrail nodes over one database.
 //!
 //! The same queries as SQLite run here (see [`crate::conn`]): `?N` becomes
-//! `$N`, `/*FOR UPDATE*/` becomes `FOR UPDATE` and `/*RETURNING id*/`
-//! becomes `RETURNING id`. Writers run at READ
+//! `$N`, `/*FOR UPDATE*/` becomes `FOR UPDATE` (and `/*FOR UPDATE SKIP
+//! LOCKED*/` the same, skipping locked rows) and `/*RETURNING id*/` becomes
+//! `RETURNING id`. Writers run at READ
 //! COMMITTED; what keeps money right across nodes is in the queries
 //! themselves (conditional updates that re-check after a lock wait, row locks,
 //! unique constraints), explained where each is used.
@@ -94,6 +95,7 @@ impl PgConn {
 pub(crate) fn translate(sql: &str) -> String {
     let sql = sql
         .replace("/*FOR UPDATE*/", "FOR UPDATE")
+        .replace("/*FOR UPDATE SKIP LOCKED*/", "FOR UPDATE SKIP LOCKED")
         .replace("/*RETURNING id*/", "RETURNING id");
     let mut out = String::with_capacity(sql.len());
     let mut chars = sql.chars().peekable();
@@ -311,6 +313,10 @@ mod tests {
         assert_eq!(
             translate("SELECT a FROM t WHERE id = ?1 AND b = ?12 /*FOR UPDATE*/"),
             "SELECT a FROM t WHERE id = $1 AND b = $12 FOR UPDATE"
+        );
+        assert_eq!(
+            translate("SELECT a FROM t LIMIT ?1 /*FOR UPDATE SKIP LOCKED*/"),
+            "SELECT a FROM t LIMIT $1 FOR UPDATE SKIP LOCKED"
         );
         assert_eq!(translate("SELECT '?' AS q"), "SELECT '?' AS q");
         assert_eq!(

@@ -41,8 +41,8 @@ impl SqliteConn {
         conn.busy_timeout(Duration::from_secs(5))
             .map_err(classify)?;
         conn.set_prepared_statement_cache_capacity(256);
-        // WAL: readers never wait for the writer and the writer never waits for
-        // readers. synchronous=FULL: every commit fsyncs the WAL, so a commit
+        // WAL: readers never wait for the writer and the writer does not wait
+        // for readers (except at the WAL's bound, see `WalGauge`). synchronous=FULL: every commit fsyncs the WAL, so a commit
         // that returned is on disk; the writer makes that affordable by
         // committing many requests per transaction.
         conn.execute_batch(
@@ -188,7 +188,9 @@ impl Conn for SqliteConn {
 }
 
 /// Copies committed pages from the WAL into the database file, on its own
-/// thread and connection, so that the writer's commits never pay for it.
+/// thread and connection, so that the writer's commits do not pay for it
+/// (unless it falls so far behind that the WAL reaches its bound; see
+/// [`WalGauge`]).
 ///
 /// It starts once the WAL holds `CHECKPOINT_FRAMES` frames, so that a page
 /// changed by many commits (a merchant's balance, the end of an index) is
@@ -212,13 +214,14 @@ pub(crate) struct Checkpointer {
 /// WAL size (in frames, 64 MiB of 4 KiB pages) that starts a checkpoint.
 pub(crate) const CHECKPOINT_FRAMES: i32 = 16384;
 
-/// WAL size (in frames, 256 MiB) past which the writer starts the WAL again
-/// before it begins another transaction (see [`WalGauge`]).
+/// WAL size (in frames: 256 MiB of pages) past which the writer starts the
+/// WAL again before it begins another transaction (see [`WalGauge`]).
 pub(crate) const WAL_BOUND_FRAMES: i32 = 4 * CHECKPOINT_FRAMES;
 
-/// Longest the writer tries to start the WAL again at the bound. A reader
-/// that never ends, or a checkpoint that keeps failing (a full disk), must
-/// not stop every write for good; past this the writer goes on, and says so.
+/// How long the writer goes on trying to start the WAL again at the bound
+/// (an attempt under way may add the 5 s busy timeout). A reader that never
+/// ends must not stop every write for good; past this the writer goes on,
+/// and says so.
 const WAL_BOUND_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Keeps the WAL bounded when the checkpointer falls behind. A writer that
@@ -255,37 +258,34 @@ impl WalGauge {
         metrics::counter!("payrail_sqlite_wal_bound_waits_total").increment(1);
         self.waits.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
-        loop {
+        while started.elapsed() < WAL_BOUND_PATIENCE {
             // (1 if it could not finish, frames, frames copied). Readers are
             // waited for through the busy timeout; the checkpointer's own
             // pass, if one is running, makes it answer 1 (or BUSY) at once.
-            match conn
-                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
-                .map_err(classify)
-            {
+            match conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0)) {
                 Ok(0) => {
                     self.frames.store(0, Ordering::Relaxed);
                     self.next_check.store(self.bound, Ordering::Relaxed);
                     return;
                 }
                 Ok(_) => {}
-                Err(e) if e.kind == DbErrorKind::Retryable => {}
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == ffi::ErrorCode::DatabaseBusy => {}
+                // LOCKED (this connection still in a transaction) and the
+                // rest do not pass by waiting.
                 Err(e) => {
                     tracing::warn!(error = %e, "WAL checkpoint at the bound failed");
                     self.give_up(frames);
                     return;
                 }
             }
-            if started.elapsed() >= WAL_BOUND_PATIENCE {
-                tracing::warn!(
-                    frames,
-                    "the WAL is past its bound and could not be started again; writing on"
-                );
-                self.give_up(frames);
-                return;
-            }
             std::thread::sleep(Duration::from_millis(1));
         }
+        tracing::warn!(
+            frames,
+            "the WAL is past its bound and could not be started again; writing on"
+        );
+        self.give_up(frames);
     }
 
     fn give_up(&self, frames: i32) {
@@ -312,7 +312,7 @@ impl Checkpointer {
             .name("payrail-checkpoint".into())
             .spawn(move || {
                 while rx.recv().is_ok() {
-                    let mut last = None;
+                    let mut last_done = None;
                     loop {
                         let pass = checkpoint(&conn.conn);
                         counted.fetch_add(1, Ordering::Relaxed);
@@ -322,13 +322,18 @@ impl Checkpointer {
                                 if done >= log {
                                     break;
                                 }
-                                // No progress: a reader still needs the
-                                // frames left. Wait a little (or for a commit)
-                                // rather than spin.
-                                if last == Some((log, done)) {
-                                    let _ = rx.recv_timeout(Duration::from_millis(1));
+                                // No frame copied since the last pass: a
+                                // reader still needs them (it caps `done`,
+                                // however many frames commits add). Wait a
+                                // little rather than spin; stop once the
+                                // writers are gone.
+                                if last_done == Some(done)
+                                    && rx.recv_timeout(Duration::from_millis(1))
+                                        == Err(flume::RecvTimeoutError::Disconnected)
+                                {
+                                    break;
                                 }
-                                last = Some((log, done));
+                                last_done = Some(done);
                             }
                             Err(e) => {
                                 tracing::warn!(error = %e, "WAL checkpoint failed");

@@ -115,7 +115,7 @@ endpoint!(userbalance => balance);
 endpoint!(querywallet => query_wallet);
 endpoint!(createwalletuser => create_wallet_user);
 
-/// PUT, DELETE and the like: 405 (with axum's Allow header), in the rail's
+/// PUT, DELETE and the like (anything but GET, HEAD and POST): 405 (with axum's Allow header), in the rail's
 /// shape.
 async fn method_not_allowed(RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
     wire::refusal(
