@@ -55,3 +55,38 @@ async fn pruning_takes_the_oldest_first_strictly_before_the_cut_and_at_most_the_
     assert!(otps(&store).await.is_empty());
     store.close().await;
 }
+
+/// PostgreSQL: every node prunes. One never waits for the rows another is
+/// deleting; it takes the others and leaves those.
+#[tokio::test]
+async fn pruning_skips_rows_another_node_holds() {
+    let db = TestDb::fresh();
+    let payrail_store::Location::Postgres(url) = db.location.clone() else {
+        return; // SQLite: one writer, no row locks.
+    };
+    let clock = common::ManualClock::at(T0);
+    let store = common::open_at(db.location.clone(), clock.clone()).await;
+    for otp in ["100000", "100001", "100002"] {
+        send(&store, "9810000001", otp).await;
+    }
+    let other = payrail_store::testkit::hold(&url, |tx| {
+        tx.query_one(
+            "SELECT id FROM outbox_messages ORDER BY id LIMIT 1 FOR UPDATE",
+            &[],
+        )
+        .unwrap();
+    })
+    .await;
+    // The timeout only turns a wait (or a retry loop) into a failure.
+    let pruned = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        prune(&store, T0 + HOUR, 1_000),
+    )
+    .await
+    .expect("pruning waited for the other node's row");
+    assert_eq!(pruned, 2);
+    other.commit_once_waited_on(0).await;
+    assert_eq!(otps(&store).await, ["100000"]);
+    assert_eq!(prune(&store, T0 + HOUR, 1_000).await, 1);
+    store.close().await;
+}
