@@ -115,8 +115,8 @@ endpoint!(userbalance => balance);
 endpoint!(querywallet => query_wallet);
 endpoint!(createwalletuser => create_wallet_user);
 
-/// PUT, DELETE and the like (anything but GET, HEAD and POST): 405 (with axum's Allow header), in the rail's
-/// shape.
+/// Any method but GET, HEAD and POST: 405 in the rail's shape (axum adds
+/// the Allow header).
 async fn method_not_allowed(RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
     wire::refusal(
         StatusCode::METHOD_NOT_ALLOWED,

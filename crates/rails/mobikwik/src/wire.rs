@@ -195,11 +195,10 @@ impl<S: Send + Sync> FromRequest<S> for WireRequest {
 
 /// The answer to a request that never reached its endpoint: a body over the
 /// size limit or not received in time, or a method other than GET, HEAD and
-/// POST.
-/// It is 151 in the rail's own shape, so that a client that reads only the
-/// body still gets a FAILURE it knows, with the HTTP status saying which.
-/// It is unsigned, because nothing was authenticated, and it repeats the
-/// query's msgcode only when that is one.
+/// POST. It is 151 in the rail's own shape, so that a client that reads only
+/// the body still gets a FAILURE it knows, with the HTTP status saying
+/// which. It is unsigned, because nothing was authenticated, and it repeats
+/// the query's msgcode only when that is one.
 pub fn refusal(status: StatusCode, query: Option<&str>, format: Format) -> Response {
     let msgcode = Params::from_parts(query, b"")
         .opt("msgcode")
