@@ -15,6 +15,7 @@ pub mod ledger;
 mod migrate;
 pub mod mobikwik;
 pub mod outbox;
+mod pgtls;
 mod postgres;
 pub mod sandbox;
 pub mod seal;
@@ -355,6 +356,12 @@ impl Store {
                     statement_timeout: opts.postgres.statement_timeout,
                     lock_timeout: opts.postgres.lock_timeout,
                 };
+                for host in pgtls::plain_remote_hosts(url) {
+                    tracing::warn!(
+                        %host,
+                        "PostgreSQL is reached over the network without TLS; add sslmode=verify-full (and sslrootcert) to the URL"
+                    );
+                }
                 let mut first = postgres::PgConn::connect(&pg)?;
                 // Several nodes may start at once: one migrates, the others
                 // wait here and then find nothing left to do. The timeouts

@@ -56,7 +56,8 @@ pub(crate) struct PgConn {
 
 impl PgConn {
     pub(crate) fn connect(o: &PgOptions) -> Result<PgConn, DbError> {
-        let mut cfg = postgres::Config::from_str(&o.url).map_err(|e| {
+        let secured = crate::pgtls::secure(&o.url)?;
+        let mut cfg = postgres::Config::from_str(&secured.url).map_err(|e| {
             DbError::new(DbErrorKind::Unavailable, format!("bad PostgreSQL URL: {e}"))
         })?;
         cfg.connect_timeout(o.connect_timeout)
@@ -70,7 +71,11 @@ impl PgConn {
                 o.lock_timeout.as_millis(),
                 (o.statement_timeout * 4).as_millis(),
             ));
-        let client = cfg.connect(NoTls).map_err(classify)?;
+        let client = match secured.tls {
+            Some(tls) => cfg.connect(tls),
+            None => cfg.connect(NoTls),
+        }
+        .map_err(classify)?;
         Ok(PgConn {
             client,
             statements: HashMap::new(),
@@ -141,7 +146,18 @@ pub(crate) fn classify(e: postgres::Error) -> DbError {
     };
     let detail = match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+        // With its causes: "error performing TLS handshake" alone does not
+        // say that the certificate's issuer is unknown.
+        None => {
+            let mut text = e.to_string();
+            let mut source = StdError::source(&e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text
+        }
     };
     DbError::new(kind, detail)
 }
@@ -367,5 +383,65 @@ mod live {
         c.execute("INSERT INTO kept (n) VALUES (2)", &[]).unwrap();
         c.control(Control::Commit).unwrap();
         assert_eq!(count(&mut c), 1);
+    }
+
+    fn options(url: String) -> PgOptions {
+        PgOptions {
+            url,
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
+            lock_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// With `sslmode=verify-full` the connection is TLS, and only to a
+    /// server whose certificate chains to `sslrootcert`. The CA comes from
+    /// the test cluster (`scripts/pg-test-cluster ca DIR`).
+    #[test]
+    fn tls_is_verified_against_the_given_root_or_refused() {
+        let Some(admin) = postgres_admin_url() else {
+            return;
+        };
+        let Ok(ca) = std::env::var("PAYRAIL_TEST_PG_CA") else {
+            assert!(
+                std::env::var("PAYRAIL_REQUIRE_PG_TLS").is_err(),
+                "PAYRAIL_REQUIRE_PG_TLS is set but PAYRAIL_TEST_PG_CA is not"
+            );
+            return;
+        };
+        let db = TestDb::postgres(&admin);
+        let ssl = |c: &mut PgConn| {
+            c.query(
+                "SELECT CASE WHEN ssl THEN 1 ELSE 0 END::bigint FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .unwrap()[0]
+                .int(0)
+                .unwrap()
+        };
+        let with = |query: &str| format!("{}?{query}", db.url);
+
+        let mut c = PgConn::connect(&options(with(&format!(
+            "sslmode=verify-full&sslrootcert={ca}"
+        ))))
+        .unwrap();
+        assert_eq!(ssl(&mut c), 1);
+        let mut c = PgConn::connect(&options(with(&format!("sslrootcert={ca}")))).unwrap();
+        assert_eq!(ssl(&mut c), 1);
+        // Without TLS settings: plain, as before.
+        let mut c = PgConn::connect(&options(db.url.clone())).unwrap();
+        assert_eq!(ssl(&mut c), 0);
+
+        // A server whose certificate another CA signed is not talked to, and
+        // neither is one checked against the public roots.
+        let other = ca.replace("ca.crt", "other-ca.crt");
+        for query in [
+            format!("sslmode=verify-full&sslrootcert={other}"),
+            "sslmode=require".to_string(),
+            "sslmode=prefer".to_string(),
+        ] {
+            let e = PgConn::connect(&options(with(&query))).err().unwrap();
+            assert!(e.detail.contains("certificate"), "{query}: {e}");
+        }
     }
 }
