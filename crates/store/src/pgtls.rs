@@ -37,11 +37,23 @@ fn bad(why: String) -> DbError {
     )
 }
 
+/// Where the URL's parameters begin, found as the driver finds them: the
+/// credentials run to the first '@' (a password may hold a '?').
+fn query_start(url: &str) -> Option<usize> {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let after_credentials = url[after_scheme..]
+        .find('@')
+        .map_or(after_scheme, |i| after_scheme + i + 1);
+    url[after_credentials..]
+        .find('?')
+        .map(|i| after_credentials + i)
+}
+
 /// Takes `sslmode` and `sslrootcert` out of the URL (the driver knows
 /// neither `verify-*` nor `sslrootcert`) and builds the connector.
 pub(crate) fn secure(url: &str) -> Result<Secured, DbError> {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, query),
+    let (base, query) = match query_start(url) {
+        Some(i) => (&url[..i], &url[i + 1..]),
         None => (url, ""),
     };
     let mut kept = Vec::new();
@@ -71,9 +83,16 @@ pub(crate) fn secure(url: &str) -> Result<Secured, DbError> {
         }
     };
     let Some(driver_mode) = verified else {
-        // As given: the driver's own default (prefer) finds no TLS to use.
+        if mode.is_none() {
+            // As given: the driver's own default (prefer) finds no TLS to use.
+            return Ok(Secured {
+                url: url.to_string(),
+                tls: None,
+            });
+        }
+        kept.push("sslmode=disable");
         return Ok(Secured {
-            url: url.to_string(),
+            url: format!("{base}?{}", kept.join("&")),
             tls: None,
         });
     };
@@ -88,11 +107,13 @@ pub(crate) fn secure(url: &str) -> Result<Secured, DbError> {
         Some(path) => roots_from(Path::new(path))?,
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(format!("TLS set-up: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // PostgreSQL 17 takes direct TLS (`sslnegotiation=direct`) only with it.
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(Secured {
         url: format!("{base}?{}", kept.join("&")),
         tls: Some(MakeRustlsConnect::new(config)),
@@ -114,25 +135,27 @@ fn roots_from(path: &Path) -> Result<RootCertStore, DbError> {
     Ok(roots)
 }
 
-/// The hosts of a connection that goes over the network without TLS: what
-/// the start-up warns about. Loopback and Unix sockets are left out.
+/// The hosts a connection may reach over the network without TLS: what the
+/// start-up warns about. `prefer` counts, since anyone in between can answer
+/// "no TLS" for the server. Loopback and Unix sockets are left out.
 pub(crate) fn plain_remote_hosts(url: &str) -> Vec<String> {
     use std::str::FromStr;
     let Ok(secured) = secure(url) else {
         return Vec::new();
     };
-    if secured.tls.is_some() {
-        return Vec::new();
-    }
     let Ok(cfg) = postgres::Config::from_str(&secured.url) else {
         return Vec::new();
     };
-    cfg.get_hosts()
-        .iter()
-        .filter_map(|h| match h {
-            postgres::config::Host::Tcp(name) => Some(name.clone()),
-            _ => None,
-        })
+    if secured.tls.is_some() && cfg.get_ssl_mode() != postgres::config::SslMode::Prefer {
+        return Vec::new();
+    }
+    let names = cfg.get_hosts().iter().filter_map(|h| match h {
+        postgres::config::Host::Tcp(name) => Some(name.clone()),
+        _ => None,
+    });
+    let addresses = cfg.get_hostaddrs().iter().map(|ip| ip.to_string());
+    names
+        .chain(addresses)
         .filter(|name| {
             let name = name.trim_start_matches('[').trim_end_matches(']');
             name != "localhost"
@@ -156,8 +179,19 @@ mod tests {
         assert!(off.tls.is_none());
         assert_eq!(
             off.url,
-            "postgres://u@h/d?sslmode=disable&connect_timeout=3"
+            "postgres://u@h/d?connect_timeout=3&sslmode=disable"
         );
+        // Off wins, and the driver never sees what it does not know.
+        let off = secure("postgres://u@h/d?sslrootcert=/x.pem&sslmode=disable").unwrap();
+        assert!(off.tls.is_none());
+        assert_eq!(off.url, "postgres://u@h/d?sslmode=disable");
+        // A '?' in the password is not where the parameters begin.
+        let s = secure("postgres://u:a?b@h/d?sslmode=require").unwrap();
+        assert!(s.tls.is_some());
+        assert_eq!(s.url, "postgres://u:a?b@h/d?sslmode=require");
+        let s = secure("postgres://u:a?sslmode=require@h/d").unwrap();
+        assert!(s.tls.is_none());
+        assert_eq!(s.url, "postgres://u:a?sslmode=require@h/d");
         for mode in ["require", "verify-ca", "verify-full"] {
             let s = secure(&format!("postgres://u@h/d?sslmode={mode}&user=x")).unwrap();
             assert!(s.tls.is_some(), "{mode}");
@@ -208,6 +242,15 @@ mod tests {
         assert!(plain_remote_hosts("postgres://u@localhost/d").is_empty());
         assert!(plain_remote_hosts("postgres://u@[::1]/d").is_empty());
         assert!(plain_remote_hosts("postgres://u@db.internal/d?sslmode=require").is_empty());
+        // prefer can be talked out of TLS by anyone in between.
+        assert_eq!(
+            plain_remote_hosts("postgres://u@db.internal/d?sslmode=prefer"),
+            ["db.internal"]
+        );
+        assert_eq!(
+            plain_remote_hosts("postgres://u@localhost/d?hostaddr=10.0.0.5"),
+            ["10.0.0.5"]
+        );
         assert!(plain_remote_hosts("postgres://u@%2Frun%2Fpostgresql/d").is_empty());
     }
 
