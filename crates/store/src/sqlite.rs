@@ -424,18 +424,44 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
 mod tests {
     use super::*;
 
-    /// A reconnected writer (after a disk-full or I/O error) gets the same
-    /// treatment as the first: its commits still start checkpoints, and the
-    /// WAL header is still synced when the WAL starts again.
-    #[test]
-    fn every_writer_connection_starts_checkpoints_and_syncs_the_wal_header() {
+    /// A database with one table `t (id, v BLOB)`, in a directory of its own.
+    fn table_t() -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let mut setup = SqliteConn::open(&path, Role::Writer).unwrap();
         setup
             .batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
             .unwrap();
-        drop(setup);
+        (dir, path)
+    }
+
+    /// The WAL bound of the two tests below, in frames.
+    const BOUND: i32 = 64;
+
+    /// The largest the WAL file may be: the bound, plus the commit that
+    /// crossed it (a few pages), plus the header.
+    const WAL_LIMIT_BYTES: u64 = (BOUND as u64 + 8) * (4096 + 24) + 32;
+
+    /// One transaction writing about one page into `t`.
+    fn commit_a_page(w: &mut SqliteConn) {
+        w.control(Control::BeginWrite).unwrap();
+        w.execute("INSERT INTO t (v) VALUES (zeroblob(3000))", &[])
+            .unwrap();
+        w.control(Control::Commit).unwrap();
+    }
+
+    fn rows_in_t(w: &mut SqliteConn) -> i64 {
+        w.query("SELECT count(*) FROM t", &[]).unwrap()[0]
+            .int(0)
+            .unwrap()
+    }
+
+    /// A reconnected writer (after a disk-full or I/O error) gets the same
+    /// treatment as the first: its commits still start checkpoints, and the
+    /// WAL header is still synced when the WAL starts again.
+    #[test]
+    fn every_writer_connection_starts_checkpoints_and_syncs_the_wal_header() {
+        let (_dir, path) = table_t();
         let checkpointer = Checkpointer::start(&path, 1, i32::MAX).unwrap();
         let first = checkpointer.open_writer(&path).unwrap();
         drop(first); // as the writer does when the database reports an error
@@ -461,60 +487,31 @@ mod tests {
     /// WAL file stops growing there.
     #[test]
     fn the_wal_stays_within_its_bound_when_the_checkpointer_falls_behind() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let mut setup = SqliteConn::open(&path, Role::Writer).unwrap();
-        setup
-            .batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
-            .unwrap();
-        drop(setup);
-        const BOUND: i32 = 64;
+        let (dir, path) = table_t();
         let checkpointer = Checkpointer::start(&path, i32::MAX, BOUND).unwrap();
         let mut writer = checkpointer.open_writer(&path).unwrap();
         let wal = dir.path().join("t.db-wal");
-        let frame = 4096 + 24;
         let mut largest = 0;
         for _ in 0..400 {
-            writer.control(Control::BeginWrite).unwrap();
-            writer
-                .execute("INSERT INTO t (v) VALUES (zeroblob(3000))", &[])
-                .unwrap();
-            writer.control(Control::Commit).unwrap();
+            commit_a_page(&mut writer);
             largest = largest.max(std::fs::metadata(&wal).unwrap().len());
         }
-        // The bound, plus the commit that crossed it (a few pages), plus the
-        // header.
         assert!(
-            largest <= (BOUND as u64 + 8) * frame + 32,
-            "the WAL grew to {largest} bytes ({} frames)",
-            largest / frame
+            largest <= WAL_LIMIT_BYTES,
+            "the WAL grew to {largest} bytes"
         );
         // Every row is there.
-        let n = writer.query("SELECT count(*) FROM t", &[]).unwrap();
-        assert_eq!(n[0].int(0).unwrap(), 400);
+        assert_eq!(rows_in_t(&mut writer), 400);
     }
 
     /// A reader inside the WAL keeps it from starting again: at the bound
     /// the writer waits for that reader to leave, then starts it again.
     #[test]
     fn at_the_bound_the_writer_waits_for_readers_to_leave_the_wal() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let mut setup = SqliteConn::open(&path, Role::Writer).unwrap();
-        setup
-            .batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
-            .unwrap();
-        drop(setup);
-        const BOUND: i32 = 64;
+        let (dir, path) = table_t();
         let checkpointer = Checkpointer::start(&path, i32::MAX, BOUND).unwrap();
         let mut writer = checkpointer.open_writer(&path).unwrap();
-        let commit = |w: &mut SqliteConn| {
-            w.control(Control::BeginWrite).unwrap();
-            w.execute("INSERT INTO t (v) VALUES (zeroblob(3000))", &[])
-                .unwrap();
-            w.control(Control::Commit).unwrap();
-        };
-        commit(&mut writer);
+        commit_a_page(&mut writer);
         // A reader whose snapshot is in the WAL, held until told.
         let (release, released) = std::sync::mpsc::channel::<()>();
         let (pinned, is_pinned) = std::sync::mpsc::channel::<()>();
@@ -531,7 +528,7 @@ mod tests {
         let gauge = Arc::clone(&checkpointer.gauge);
         let writing = std::thread::spawn(move || {
             for _ in 0..200 {
-                commit(&mut writer);
+                commit_a_page(&mut writer);
             }
             writer
         });
@@ -548,12 +545,8 @@ mod tests {
         let wal = std::fs::metadata(dir.path().join("t.db-wal"))
             .unwrap()
             .len();
-        assert!(
-            wal <= (BOUND as u64 + 8) * (4096 + 24) + 32,
-            "the WAL grew to {wal} bytes"
-        );
-        let n = writer.query("SELECT count(*) FROM t", &[]).unwrap();
-        assert_eq!(n[0].int(0).unwrap(), 201);
+        assert!(wal <= WAL_LIMIT_BYTES, "the WAL grew to {wal} bytes");
+        assert_eq!(rows_in_t(&mut writer), 201);
     }
 
     /// Statements come from the cache compiled once: a recompilation on
