@@ -99,12 +99,19 @@ pub struct Balances {
 impl Balances {
     /// Posted credits minus posted debits.
     pub fn balance(&self) -> Money {
-        Money::from_minor(self.credits_posted - self.debits_posted)
+        Money::from_minor(self.credits_posted.saturating_sub(self.debits_posted))
     }
 
     /// What may still be debited: the balance less outstanding reservations.
+    ///
+    /// Saturating: each total is at most `i64::MAX`, but their difference
+    /// need not fit, and a wrapped figure would turn a debt into money.
     pub fn available(&self) -> Money {
-        Money::from_minor(self.credits_posted - self.debits_posted - self.debits_pending)
+        Money::from_minor(
+            self.credits_posted
+                .saturating_sub(self.debits_posted)
+                .saturating_sub(self.debits_pending),
+        )
     }
 
     pub fn apply(&mut self, d: &Delta) {
@@ -348,6 +355,9 @@ pub enum LedgerError {
     AccountNotFound,
     #[error("{0} has insufficient funds")]
     InsufficientFunds(AccountId),
+    /// One of the account's totals would pass `i64::MAX` minor units.
+    #[error("{0}'s totals would pass the ledger's range")]
+    TotalOverflow(AccountId),
     #[error("idempotency key reused with a different {field}")]
     IdempotencyConflict { field: &'static str },
     #[error("pending transfer not found")]

@@ -93,6 +93,11 @@ impl From<LedgerOpError> for AdminError {
                 "insufficient_funds",
                 r.to_string(),
             ),
+            LedgerOpError::Rejected(r @ LedgerError::TotalOverflow(_)) => AdminError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "account_total_overflow",
+                r.to_string(),
+            ),
             LedgerOpError::Rejected(r) => AdminError::bad_request(r.to_string()),
         }
     }

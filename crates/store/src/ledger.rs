@@ -290,13 +290,39 @@ fn replay(tx: &mut Tx<'_>, req: &TransferRequest) -> Result<Transfer, LedgerOpEr
     })
 }
 
+/// What became of a checked change to an account.
+#[derive(Debug, PartialEq, Eq)]
+enum Applied {
+    Yes,
+    /// A never-negative account cannot cover it.
+    Uncovered,
+    /// A total would pass `i64::MAX` (see [`ceilings`]).
+    OutOfRange,
+}
+
+/// The largest value each total may have before `delta` is added to it.
+///
+/// Totals are i64 in both engines, and neither can be trusted to stop at the
+/// edge: SQLite turns an integer sum past `i64::MAX` into a REAL (a float in a
+/// money column), PostgreSQL fails the statement. So every statement that adds
+/// to a total in the account row carries these as conditions, and an addition
+/// that would not fit changes nothing.
+fn ceilings(delta: &Delta) -> [i64; 4] {
+    [
+        delta.debits_pending,
+        delta.debits_posted,
+        delta.credits_pending,
+        delta.credits_posted,
+    ]
+    .map(|d| i64::MAX - d.max(0))
+}
+
 /// Applies `delta` to `account`: at once and only if the account's rules allow
 /// it when it lowers what is available; otherwise queued for the batch's end.
-/// Returns `false` if a never-negative account cannot cover it.
-fn apply_delta(tx: &mut Tx<'_>, account: AccountId, delta: Delta) -> Result<bool, StoreError> {
+fn apply_delta(tx: &mut Tx<'_>, account: AccountId, delta: Delta) -> Result<Applied, StoreError> {
     if !delta.needs_check() {
         tx.defer(account, delta);
-        return Ok(true);
+        return Ok(Applied::Yes);
     }
     // Queued credits to this account count: they commit with this change.
     // So do committed delta rows; one committed after this statement began
@@ -315,11 +341,14 @@ fn apply_delta(tx: &mut Tx<'_>, account: AccountId, delta: Delta) -> Result<bool
         )?;
     }
     let floor = tx.deferred(account).available_change() + delta.available_change();
+    let [dp, dpo, cp, cpo] = ceilings(&delta);
     let changed = tx.execute(
         "UPDATE accounts
             SET debits_pending = debits_pending + ?2, debits_posted = debits_posted + ?3,
                 credits_pending = credits_pending + ?4, credits_posted = credits_posted + ?5
           WHERE id = ?1
+            AND debits_pending <= ?7 AND debits_posted <= ?8
+            AND credits_pending <= ?9 AND credits_posted <= ?10
             AND ((flags & 1) = 0
                  OR credits_posted - debits_posted - debits_pending
                     + CAST(COALESCE((SELECT SUM(d.credits_posted - d.debits_posted - d.debits_pending)
@@ -332,9 +361,33 @@ fn apply_delta(tx: &mut Tx<'_>, account: AccountId, delta: Delta) -> Result<bool
             delta.credits_pending.into(),
             delta.credits_posted.into(),
             floor.into(),
+            dp.into(),
+            dpo.into(),
+            cp.into(),
+            cpo.into(),
         ],
     )?;
-    Ok(changed == 1)
+    if changed == 1 {
+        return Ok(Applied::Yes);
+    }
+    // Refused: the cheap question first, the rare one only now.
+    let out_of_range = tx.query_opt(
+        "SELECT id FROM accounts
+          WHERE id = ?1 AND NOT (debits_pending <= ?2 AND debits_posted <= ?3
+                                 AND credits_pending <= ?4 AND credits_posted <= ?5)",
+        &[
+            account.0.into(),
+            dp.into(),
+            dpo.into(),
+            cp.into(),
+            cpo.into(),
+        ],
+    )?;
+    Ok(if out_of_range.is_some() {
+        Applied::OutOfRange
+    } else {
+        Applied::Uncovered
+    })
 }
 
 /// Executes a transfer request.
@@ -397,14 +450,19 @@ fn create(
         return replay(tx, req);
     };
     let (debit_delta, credit_delta) = effects(kind, amount, None);
-    if !apply_delta(tx, debit, debit_delta)? {
+    let refusal = match apply_delta(tx, debit, debit_delta)? {
+        Applied::Yes => None,
+        Applied::Uncovered => Some(LedgerError::InsufficientFunds(debit)),
+        Applied::OutOfRange => Some(LedgerError::TotalOverflow(debit)),
+    };
+    if let Some(refusal) = refusal {
         // Keep the refusal atomic on its own: the caller may go on and commit
         // other work, so the row inserted above must not survive.
         tx.execute("DELETE FROM transfers WHERE id = ?1", &[id.0.into()])?;
-        return Err(LedgerError::InsufficientFunds(debit).into());
+        return Err(refusal.into());
     }
     let applied = apply_delta(tx, credit, credit_delta)?;
-    debug_assert!(applied, "credits never need a check");
+    debug_assert_eq!(applied, Applied::Yes, "credits never need a check");
     Ok(Transfer {
         record: TransferRecord {
             id,
@@ -594,13 +652,29 @@ pub(crate) fn apply_deferred(
             d.credits_pending.into(),
             d.credits_posted.into(),
         ];
+        let [dp, dpo, cp, cpo] = ceilings(d);
         let changed = match writer {
+            // A change no rule refuses has no one to refuse it to either: one
+            // that would not fit fails its batch (below), the way PostgreSQL
+            // fails on the delta rows' sum.
             None => tx.execute(
                 "UPDATE accounts
                     SET debits_pending = debits_pending + ?2, debits_posted = debits_posted + ?3,
                         credits_pending = credits_pending + ?4, credits_posted = credits_posted + ?5
-                  WHERE id = ?1",
-                &values,
+                  WHERE id = ?1
+                    AND debits_pending <= ?6 AND debits_posted <= ?7
+                    AND credits_pending <= ?8 AND credits_posted <= ?9",
+                &[
+                    values[0],
+                    values[1],
+                    values[2],
+                    values[3],
+                    values[4],
+                    dp.into(),
+                    dpo.into(),
+                    cp.into(),
+                    cpo.into(),
+                ],
             )?,
             Some(w) => tx.execute(
                 "INSERT INTO account_deltas (account_id, debits_pending, debits_posted, credits_pending, credits_posted, writer_id)
@@ -615,7 +689,7 @@ pub(crate) fn apply_deferred(
         };
         if changed != 1 {
             return Err(StoreError::Internal(format!(
-                "queued change for missing {account}"
+                "queued change for {account} not applied: the account is missing or a total would pass i64::MAX"
             )));
         }
     }
@@ -644,7 +718,20 @@ pub fn fold_deltas(tx: &mut Tx<'_>, limit: i64) -> Result<usize, StoreError> {
                 // NO KEY: a writer adding this account's first delta row
                 // takes a key-share lock on it, which FOR UPDATE would
                 // make wait for the fold's whole batch.
-                "SELECT id FROM accounts WHERE id = ?1 FOR NO KEY UPDATE SKIP LOCKED",
+                //
+                // An account whose totals the fold would take past i64::MAX
+                // stays unfolded (reads of it fail: they sum the same rows)
+                // rather than fail the fold of every other account. The sums
+                // are numeric: the comparison itself cannot overflow.
+                "SELECT a.id FROM accounts a
+                  WHERE a.id = ?1
+                    AND NOT EXISTS (
+                        SELECT 1 FROM account_deltas d WHERE d.account_id = a.id
+                        HAVING a.debits_pending + SUM(d.debits_pending) > 9223372036854775807
+                            OR a.debits_posted + SUM(d.debits_posted) > 9223372036854775807
+                            OR a.credits_pending + SUM(d.credits_pending) > 9223372036854775807
+                            OR a.credits_posted + SUM(d.credits_posted) > 9223372036854775807)
+                  FOR NO KEY UPDATE OF a SKIP LOCKED",
                 &[account.into()],
             )?
             .is_none()

@@ -104,6 +104,50 @@ impl TestDb {
         self.dir.path()
     }
 
+    /// Runs `sql` behind the store's back, to reach a state its API cannot;
+    /// returns each row's first column as text (NULL as "NULL").
+    pub fn sql(&self, sql: &str) -> Vec<String> {
+        let sql = sql.to_string();
+        match &self.location {
+            Location::Sqlite(path) => {
+                let c = rusqlite::Connection::open(path).expect("open the test database");
+                c.busy_timeout(std::time::Duration::from_secs(10))
+                    .expect("busy timeout");
+                let mut stmt = c.prepare(&sql).expect("prepare");
+                let rows = stmt
+                    .query_map([], |r| {
+                        Ok(match r.get_ref(0)? {
+                            rusqlite::types::ValueRef::Null => "NULL".to_string(),
+                            rusqlite::types::ValueRef::Integer(i) => i.to_string(),
+                            rusqlite::types::ValueRef::Real(f) => format!("{f:?}"),
+                            rusqlite::types::ValueRef::Text(t)
+                            | rusqlite::types::ValueRef::Blob(t) => {
+                                String::from_utf8_lossy(t).into_owned()
+                            }
+                        })
+                    })
+                    .expect("run");
+                rows.map(|r| r.expect("row")).collect()
+            }
+            Location::Postgres(url) => {
+                let url = url.clone();
+                off_runtime(move || {
+                    let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+                    c.simple_query(&sql)
+                        .expect("run")
+                        .into_iter()
+                        .filter_map(|m| match m {
+                            postgres::SimpleQueryMessage::Row(r) => {
+                                Some(r.get(0).unwrap_or("NULL").to_string())
+                            }
+                            _ => None,
+                        })
+                        .collect()
+                })
+            }
+        }
+    }
+
     /// Everything the database holds, as bytes, to search for plain text.
     pub fn dump(&self) -> Vec<u8> {
         match &self.location {

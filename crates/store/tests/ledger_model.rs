@@ -85,6 +85,7 @@ fn refusal(e: &LedgerError) -> &'static str {
         LedgerError::Invalid(_) => "invalid",
         LedgerError::AccountNotFound => "account-not-found",
         LedgerError::InsufficientFunds(_) => "insufficient",
+        LedgerError::TotalOverflow(_) => "overflow",
         LedgerError::IdempotencyConflict { .. } => "conflict",
         LedgerError::PendingNotFound => "pending-not-found",
         LedgerError::NotPending(_) => "not-pending",

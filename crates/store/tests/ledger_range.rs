@@ -1,0 +1,187 @@
+//! Account totals are i64 minor units. Money::MAX keeps one transfer far
+//! below that, but a total is a sum; one that would pass i64::MAX must be
+//! refused or fail, and never be stored as a float (SQLite's answer to an
+//! integer overflow) or read back wrapped.
+//!
+//! The tests put totals near the edge behind the store's back (no API can in
+//! reasonable time) and then move money through the store.
+
+mod common;
+
+use payrail_core::{AccountFlags, AccountId, Currency, LedgerError, Money};
+use payrail_store::ledger::{self, LedgerOpError};
+use payrail_store::{Store, StoreError};
+
+async fn open_two(store: &Store, from: AccountFlags, to: AccountFlags) -> (AccountId, AccountId) {
+    store
+        .write(move |tx| {
+            Ok::<_, LedgerOpError>((
+                ledger::open_account(tx, "from", Currency::INR, from)?,
+                ledger::open_account(tx, "to", Currency::INR, to)?,
+            ))
+        })
+        .await
+        .unwrap()
+}
+
+async fn pay(
+    store: &Store,
+    key: &'static str,
+    a: (AccountId, AccountId),
+    amount: i64,
+) -> Result<(), LedgerOpError> {
+    store
+        .write(move |tx| {
+            ledger::transfer(
+                tx,
+                &ledger::single(
+                    "test",
+                    key,
+                    a.0,
+                    a.1,
+                    Currency::INR,
+                    Money::from_minor(amount),
+                ),
+            )
+            .map(drop)
+        })
+        .await
+}
+
+/// The stored column, as the database has it: SQLite says which type it holds.
+fn stored(t: &common::TestStore, column: &str, id: AccountId) -> String {
+    let sql = if t.db.is_postgres() {
+        format!("SELECT {column}::text FROM accounts WHERE id = {}", id.0)
+    } else {
+        format!(
+            "SELECT typeof({column}) || ' ' || {column} FROM accounts WHERE id = {}",
+            id.0
+        )
+    };
+    let rows = t.db.sql(&sql);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    rows[0].trim_start_matches("integer ").to_string()
+}
+
+#[tokio::test]
+async fn a_checked_debit_past_the_range_is_refused_and_one_that_fits_goes_through() {
+    let t = common::open().await;
+    let a = open_two(&t.store, AccountFlags::NONE, AccountFlags::NONE).await;
+    let edge = i64::MAX - 100;
+    t.db.sql(&format!(
+        "UPDATE accounts SET debits_posted = {edge} WHERE id = {}",
+        a.0.0
+    ));
+
+    let refused = pay(&t.store, "over", a, 101).await;
+    assert!(
+        matches!(
+            refused,
+            Err(LedgerOpError::Rejected(LedgerError::TotalOverflow(id))) if id == a.0
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(stored(&t, "debits_posted", a.0), edge.to_string());
+    assert_eq!(stored(&t, "credits_posted", a.1), "0");
+    let key_kept = t
+        .store
+        .read(|tx| ledger::transfer_by_key(tx, "test", "over"))
+        .await
+        .unwrap();
+    assert!(key_kept.is_none(), "a refused transfer left its row");
+
+    // Exactly up to the edge is still money that fits.
+    pay(&t.store, "to-the-edge", a, 100).await.unwrap();
+    assert_eq!(stored(&t, "debits_posted", a.0), i64::MAX.to_string());
+    let from = t
+        .store
+        .read(move |tx| ledger::account(tx, a.0))
+        .await
+        .unwrap()
+        .unwrap();
+    // Saturated, not wrapped into a positive balance.
+    assert_eq!(from.balances.available(), Money::from_minor(-i64::MAX));
+}
+
+#[tokio::test]
+async fn a_credit_past_the_range_never_stores_or_reads_a_wrong_total() {
+    let t = common::open().await;
+    let a = open_two(&t.store, AccountFlags::NONE, AccountFlags::NONE).await;
+    let edge = i64::MAX - 100;
+    t.db.sql(&format!(
+        "UPDATE accounts SET credits_posted = {edge} WHERE id = {}",
+        a.1.0
+    ));
+    pay(&t.store, "fits", a, 100).await.unwrap();
+
+    // Credits are applied late, in bulk, where nothing can refuse them one by
+    // one: past the edge they fail instead. SQLite fails the batch at its
+    // end; PostgreSQL keeps them in delta rows, and every read that sums
+    // them fails.
+    let over = pay(&t.store, "over", a, 1).await;
+    if t.db.is_postgres() {
+        over.unwrap();
+        let read = t.store.read(move |tx| ledger::account(tx, a.1)).await;
+        assert!(matches!(read, Err(StoreError::Internal(_))), "{read:?}");
+        // The fold leaves that account alone and still folds the others.
+        let other = t
+            .store
+            .write(move |tx| {
+                let other = ledger::open_account(tx, "other", Currency::INR, AccountFlags::NONE)?;
+                ledger::transfer(
+                    tx,
+                    &ledger::single(
+                        "test",
+                        "other",
+                        a.0,
+                        other,
+                        Currency::INR,
+                        Money::from_minor(5),
+                    ),
+                )?;
+                Ok::<_, LedgerOpError>(other)
+            })
+            .await
+            .unwrap();
+        let deltas = |id: AccountId| {
+            t.db.sql(&format!(
+                "SELECT count(*) FROM account_deltas WHERE account_id = {}",
+                id.0
+            ))
+        };
+        assert_eq!(deltas(other), ["1"]);
+        t.store
+            .write(|tx| ledger::fold_deltas(tx, 1_000))
+            .await
+            .unwrap();
+        assert_eq!(deltas(other), ["0"]);
+        assert_ne!(deltas(a.1), ["0"]);
+        // The row itself holds no more than it did; the rest waits in delta
+        // rows that cannot be folded into it.
+        assert_eq!(stored(&t, "credits_posted", a.1), edge.to_string());
+        assert_eq!(stored(&t, "credits_posted", other), "5");
+    } else {
+        assert!(
+            matches!(over, Err(LedgerOpError::Store(StoreError::Internal(_)))),
+            "{over:?}"
+        );
+        let to = t
+            .store
+            .read(move |tx| ledger::account(tx, a.1))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(to.balances.credits_posted, i64::MAX);
+        let from = t
+            .store
+            .read(move |tx| ledger::account(tx, a.0))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            from.balances.debits_posted, 100,
+            "the failed batch kept its debit"
+        );
+        assert_eq!(stored(&t, "credits_posted", a.1), i64::MAX.to_string());
+    }
+}
