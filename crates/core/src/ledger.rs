@@ -99,13 +99,14 @@ pub struct Balances {
 impl Balances {
     /// Posted credits minus posted debits.
     pub fn balance(&self) -> Money {
-        Money::from_minor(self.credits_posted.saturating_sub(self.debits_posted))
+        Money::from_minor(self.credits_posted - self.debits_posted)
     }
 
     /// What may still be debited: the balance less outstanding reservations.
     ///
-    /// Saturating: each total is at most `i64::MAX`, but their difference
-    /// need not fit, and a wrapped figure would turn a debt into money.
+    /// Saturating: each total is at most `i64::MAX`, so `balance` always
+    /// fits, but less the reservations it need not, and a wrapped figure
+    /// would turn a debt into money.
     pub fn available(&self) -> Money {
         Money::from_minor(
             self.credits_posted
@@ -548,6 +549,17 @@ mod tests {
                 (d.credits_pending - d.debits_pending) + (c.credits_pending - c.debits_pending);
             assert_eq!((posted, pending), (0, 0), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn available_saturates_instead_of_wrapping_into_money() {
+        let deep = Balances {
+            debits_posted: i64::MAX,
+            debits_pending: i64::MAX,
+            ..Balances::default()
+        };
+        assert_eq!(deep.available(), Money::from_minor(i64::MIN));
+        assert_eq!(deep.balance(), Money::from_minor(-i64::MAX));
     }
 
     #[test]

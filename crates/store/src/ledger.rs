@@ -654,9 +654,10 @@ pub(crate) fn apply_deferred(
         ];
         let [dp, dpo, cp, cpo] = ceilings(d);
         let changed = match writer {
-            // A change no rule refuses has no one to refuse it to either: one
-            // that would not fit fails its batch (below), the way PostgreSQL
-            // fails on the delta rows' sum.
+            // Queued changes are summed over the batch, past the point where
+            // one unit could be refused: one that would not fit fails the
+            // whole batch (below). PostgreSQL's delta rows take it instead,
+            // and reads of the account fail (see `fold_deltas`).
             None => tx.execute(
                 "UPDATE accounts
                     SET debits_pending = debits_pending + ?2, debits_posted = debits_posted + ?3,
