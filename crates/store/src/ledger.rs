@@ -304,9 +304,10 @@ enum Applied {
 ///
 /// Totals are i64 in both engines, and neither can be trusted to stop at the
 /// edge: SQLite turns an integer sum past `i64::MAX` into a REAL (a float in a
-/// money column), PostgreSQL fails the statement. So every statement that adds
-/// to a total in the account row carries these as conditions, and an addition
-/// that would not fit changes nothing.
+/// money column), PostgreSQL fails the statement. So the checked update and
+/// SQLite's batch-end update carry these as conditions, and an addition that
+/// would not fit changes nothing. (PostgreSQL's delta rows and fold keep the
+/// engine's own error: it stores no wrong number.)
 fn ceilings(delta: &Delta) -> [i64; 4] {
     [
         delta.debits_pending,
@@ -341,7 +342,12 @@ fn apply_delta(tx: &mut Tx<'_>, account: AccountId, delta: Delta) -> Result<Appl
         )?;
     }
     let floor = tx.deferred(account).available_change() + delta.available_change();
-    let [dp, dpo, cp, cpo] = ceilings(&delta);
+    // With this batch's queued changes to the account, which land at the
+    // batch's end (delta rows committed earlier, on PostgreSQL, are not
+    // counted: their sum fails reads instead).
+    let mut landing = tx.deferred(account);
+    landing.add(&delta);
+    let [dp, dpo, cp, cpo] = ceilings(&landing);
     let changed = tx.execute(
         "UPDATE accounts
             SET debits_pending = debits_pending + ?2, debits_posted = debits_posted + ?3,
@@ -723,7 +729,10 @@ pub fn fold_deltas(tx: &mut Tx<'_>, limit: i64) -> Result<usize, StoreError> {
                 // An account whose totals the fold would take past i64::MAX
                 // stays unfolded (reads of it fail: they sum the same rows)
                 // rather than fail the fold of every other account. The sums
-                // are numeric: the comparison itself cannot overflow.
+                // are numeric: the comparison itself cannot overflow. Rows
+                // committed after this check, or a locked row skipped below,
+                // can still fail one fold (rolled back whole); the next sees
+                // them.
                 "SELECT a.id FROM accounts a
                   WHERE a.id = ?1
                     AND NOT EXISTS (

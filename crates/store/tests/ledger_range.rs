@@ -8,7 +8,9 @@
 
 mod common;
 
-use payrail_core::{AccountFlags, AccountId, Currency, LedgerError, Money};
+use payrail_core::{
+    AccountFlags, AccountId, Currency, LedgerError, Money, TransferOp, TransferRequest,
+};
 use payrail_store::ledger::{self, LedgerOpError};
 use payrail_store::{Store, StoreError};
 
@@ -99,7 +101,6 @@ async fn a_checked_debit_past_the_range_is_refused_and_one_that_fits_goes_throug
         .await
         .unwrap()
         .unwrap();
-    // Saturated, not wrapped into a positive balance.
     assert_eq!(from.balances.available(), Money::from_minor(-i64::MAX));
 }
 
@@ -180,8 +181,84 @@ async fn a_credit_past_the_range_never_stores_or_reads_a_wrong_total() {
             .unwrap();
         assert_eq!(
             from.balances.debits_posted, 100,
-            "the failed batch kept its debit"
+            "the failed batch's debit was rolled back"
         );
         assert_eq!(stored(&t, "credits_posted", a.1), i64::MAX.to_string());
     }
+}
+
+/// A post queues its debit for the batch's end; a checked debit of the same
+/// account in the same batch counts it, and is refused on its own instead of
+/// failing the batch at its end.
+#[tokio::test]
+async fn a_checked_debit_counts_what_the_batch_already_queued_for_the_account() {
+    let t = common::open().await;
+    let a = open_two(&t.store, AccountFlags::NONE, AccountFlags::NONE).await;
+    t.db.sql(&format!(
+        "UPDATE accounts SET debits_posted = {} WHERE id = {}",
+        i64::MAX - 100,
+        a.0.0
+    ));
+    let pending = t
+        .store
+        .write(move |tx| {
+            ledger::transfer(
+                tx,
+                &TransferRequest {
+                    scope: "test".into(),
+                    key: "hold".into(),
+                    op: TransferOp::Reserve {
+                        debit: a.0,
+                        credit: a.1,
+                        currency: Currency::INR,
+                        amount: Money::from_minor(80),
+                        timeout: None,
+                    },
+                },
+            )
+        })
+        .await
+        .unwrap()
+        .record
+        .id;
+    // One unit: the post (queued: debits_posted + 80) and then a debit of 50
+    // that fits the row alone but not with the post.
+    let unit = t
+        .store
+        .write(move |tx| {
+            let post = TransferRequest {
+                scope: "test".into(),
+                key: "capture".into(),
+                op: TransferOp::Post {
+                    pending,
+                    amount: Money::from_minor(80),
+                },
+            };
+            ledger::transfer(tx, &post)?;
+            let debit = ledger::single(
+                "test",
+                "after",
+                a.0,
+                a.1,
+                Currency::INR,
+                Money::from_minor(50),
+            );
+            match ledger::transfer(tx, &debit) {
+                Err(LedgerOpError::Rejected(e)) => Ok(Some(e)),
+                other => other.map(|_| None),
+            }
+        })
+        .await;
+    assert!(
+        matches!(&unit, Ok(Some(LedgerError::TotalOverflow(id))) if *id == a.0),
+        "{unit:?}"
+    );
+    let from = t
+        .store
+        .read(move |tx| ledger::account(tx, a.0))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(from.balances.debits_posted, i64::MAX - 20);
+    assert_eq!(from.balances.debits_pending, 0);
 }
