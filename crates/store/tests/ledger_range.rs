@@ -11,19 +11,40 @@ mod common;
 use payrail_core::{
     AccountFlags, AccountId, Currency, LedgerError, Money, TransferOp, TransferRequest,
 };
-use payrail_store::ledger::{self, LedgerOpError};
+use payrail_store::ledger::{self, Account, LedgerOpError};
 use payrail_store::{Store, StoreError};
 
-async fn open_two(store: &Store, from: AccountFlags, to: AccountFlags) -> (AccountId, AccountId) {
-    store
+/// Where every test puts a total: 100 below the most it may hold.
+const EDGE: i64 = i64::MAX - 100;
+
+/// A fresh store with two accounts, "from" and "to"; `column` of `on` (0 for
+/// "from", 1 for "to") set to [`EDGE`].
+async fn near_the_edge(column: &str, on: usize) -> (common::TestStore, (AccountId, AccountId)) {
+    let t = common::open().await;
+    let a = t
+        .store
         .write(move |tx| {
             Ok::<_, LedgerOpError>((
-                ledger::open_account(tx, "from", Currency::INR, from)?,
-                ledger::open_account(tx, "to", Currency::INR, to)?,
+                ledger::open_account(tx, "from", Currency::INR, AccountFlags::NONE)?,
+                ledger::open_account(tx, "to", Currency::INR, AccountFlags::NONE)?,
             ))
         })
         .await
-        .unwrap()
+        .unwrap();
+    let id = [a.0, a.1][on];
+    t.db.sql(&format!(
+        "UPDATE accounts SET {column} = {EDGE} WHERE id = {}",
+        id.0
+    ));
+    (t, a)
+}
+
+/// The account as the store reads it.
+async fn account(store: &Store, id: AccountId) -> Result<Account, StoreError> {
+    store
+        .read(move |tx| ledger::account(tx, id))
+        .await
+        .map(|a| a.expect("account exists"))
 }
 
 async fn pay(
@@ -67,13 +88,7 @@ fn stored(t: &common::TestStore, column: &str, id: AccountId) -> String {
 
 #[tokio::test]
 async fn a_checked_debit_past_the_range_is_refused_and_one_that_fits_goes_through() {
-    let t = common::open().await;
-    let a = open_two(&t.store, AccountFlags::NONE, AccountFlags::NONE).await;
-    let edge = i64::MAX - 100;
-    t.db.sql(&format!(
-        "UPDATE accounts SET debits_posted = {edge} WHERE id = {}",
-        a.0.0
-    ));
+    let (t, a) = near_the_edge("debits_posted", 0).await;
 
     let refused = pay(&t.store, "over", a, 101).await;
     assert!(
@@ -83,7 +98,7 @@ async fn a_checked_debit_past_the_range_is_refused_and_one_that_fits_goes_throug
         ),
         "{refused:?}"
     );
-    assert_eq!(stored(&t, "debits_posted", a.0), edge.to_string());
+    assert_eq!(stored(&t, "debits_posted", a.0), EDGE.to_string());
     assert_eq!(stored(&t, "credits_posted", a.1), "0");
     let key_kept = t
         .store
@@ -95,24 +110,13 @@ async fn a_checked_debit_past_the_range_is_refused_and_one_that_fits_goes_throug
     // Exactly up to the edge is still money that fits.
     pay(&t.store, "to-the-edge", a, 100).await.unwrap();
     assert_eq!(stored(&t, "debits_posted", a.0), i64::MAX.to_string());
-    let from = t
-        .store
-        .read(move |tx| ledger::account(tx, a.0))
-        .await
-        .unwrap()
-        .unwrap();
+    let from = account(&t.store, a.0).await.unwrap();
     assert_eq!(from.balances.available(), Money::from_minor(-i64::MAX));
 }
 
 #[tokio::test]
 async fn a_credit_past_the_range_never_stores_or_reads_a_wrong_total() {
-    let t = common::open().await;
-    let a = open_two(&t.store, AccountFlags::NONE, AccountFlags::NONE).await;
-    let edge = i64::MAX - 100;
-    t.db.sql(&format!(
-        "UPDATE accounts SET credits_posted = {edge} WHERE id = {}",
-        a.1.0
-    ));
+    let (t, a) = near_the_edge("credits_posted", 1).await;
     pay(&t.store, "fits", a, 100).await.unwrap();
 
     // Credits are applied late, in bulk, where nothing can refuse them one by
@@ -122,7 +126,7 @@ async fn a_credit_past_the_range_never_stores_or_reads_a_wrong_total() {
     let over = pay(&t.store, "over", a, 1).await;
     if t.db.is_postgres() {
         over.unwrap();
-        let read = t.store.read(move |tx| ledger::account(tx, a.1)).await;
+        let read = account(&t.store, a.1).await;
         assert!(matches!(read, Err(StoreError::Internal(_))), "{read:?}");
         // The fold leaves that account alone and still folds the others.
         let other = t
@@ -159,26 +163,16 @@ async fn a_credit_past_the_range_never_stores_or_reads_a_wrong_total() {
         assert_ne!(deltas(a.1), ["0"]);
         // The row itself holds no more than it did; the rest waits in delta
         // rows that cannot be folded into it.
-        assert_eq!(stored(&t, "credits_posted", a.1), edge.to_string());
+        assert_eq!(stored(&t, "credits_posted", a.1), EDGE.to_string());
         assert_eq!(stored(&t, "credits_posted", other), "5");
     } else {
         assert!(
             matches!(over, Err(LedgerOpError::Store(StoreError::Internal(_)))),
             "{over:?}"
         );
-        let to = t
-            .store
-            .read(move |tx| ledger::account(tx, a.1))
-            .await
-            .unwrap()
-            .unwrap();
+        let to = account(&t.store, a.1).await.unwrap();
         assert_eq!(to.balances.credits_posted, i64::MAX);
-        let from = t
-            .store
-            .read(move |tx| ledger::account(tx, a.0))
-            .await
-            .unwrap()
-            .unwrap();
+        let from = account(&t.store, a.0).await.unwrap();
         assert_eq!(
             from.balances.debits_posted, 100,
             "the failed batch's debit was rolled back"
@@ -192,13 +186,7 @@ async fn a_credit_past_the_range_never_stores_or_reads_a_wrong_total() {
 /// failing the batch at its end.
 #[tokio::test]
 async fn a_checked_debit_counts_what_the_batch_already_queued_for_the_account() {
-    let t = common::open().await;
-    let a = open_two(&t.store, AccountFlags::NONE, AccountFlags::NONE).await;
-    t.db.sql(&format!(
-        "UPDATE accounts SET debits_posted = {} WHERE id = {}",
-        i64::MAX - 100,
-        a.0.0
-    ));
+    let (t, a) = near_the_edge("debits_posted", 0).await;
     let pending = t
         .store
         .write(move |tx| {
@@ -253,12 +241,7 @@ async fn a_checked_debit_counts_what_the_batch_already_queued_for_the_account() 
         matches!(&unit, Ok(Some(LedgerError::TotalOverflow(id))) if *id == a.0),
         "{unit:?}"
     );
-    let from = t
-        .store
-        .read(move |tx| ledger::account(tx, a.0))
-        .await
-        .unwrap()
-        .unwrap();
+    let from = account(&t.store, a.0).await.unwrap();
     assert_eq!(from.balances.debits_posted, i64::MAX - 20);
     assert_eq!(from.balances.debits_pending, 0);
 }
