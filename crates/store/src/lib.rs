@@ -323,9 +323,8 @@ impl Store {
                 )?);
                 let writer_conn = checkpointer.open_writer(&path)?;
                 let marks = durable::Watermarks::new();
-                let mut wal = path.as_os_str().to_owned();
-                wal.push("-wal");
-                let (syncer, sync_thread) = durable::Syncer::start(wal.into(), Arc::clone(&marks))
+                let wal = writer_conn.wal_file()?;
+                let (syncer, sync_thread) = durable::Syncer::start(wal, Arc::clone(&marks))
                     .map_err(|e| {
                         StoreError::Internal(format!("cannot start the sync thread: {e}"))
                     })?;

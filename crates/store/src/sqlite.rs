@@ -1,7 +1,7 @@
 //! The SQLite engine: one file in WAL mode, one writer connection, a pool of
 //! reader connections.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -65,6 +65,25 @@ impl SqliteConn {
         }
         .map_err(classify)?;
         Ok(SqliteConn { conn, wal: None })
+    }
+
+    /// The WAL file SQLite writes for this database. Its name follows the
+    /// full path SQLite resolved when it opened the file, with symbolic
+    /// links followed, not the path payrail was given: the sync thread must
+    /// sync the file that holds the frames, or it syncs nothing and answers
+    /// callers before their commits are on disk.
+    pub(crate) fn wal_file(&self) -> Result<PathBuf, DbError> {
+        let db = self
+            .conn
+            .path()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| DbError::other("the database has no file, so no WAL to sync"))?;
+        let wal = PathBuf::from(format!("{db}-wal"));
+        // Opening in WAL mode created it; if it is not there, this is not
+        // the file SQLite writes.
+        std::fs::metadata(&wal)
+            .map_err(|e| DbError::other(format!("the WAL is not at {}: {e}", wal.display())))?;
+        Ok(wal)
     }
 }
 
@@ -448,6 +467,36 @@ mod tests {
         w.execute("INSERT INTO t (v) VALUES (zeroblob(3000))", &[])
             .unwrap();
         w.control(Control::Commit).unwrap();
+    }
+
+    /// Given a symbolic link, SQLite writes its WAL beside the file the
+    /// link names; the sync thread must be told that file, not the link's
+    /// name with `-wal` added, which does not exist.
+    #[cfg(unix)]
+    #[test]
+    fn the_wal_to_sync_is_the_one_sqlite_writes_when_the_path_is_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(dir.path().join("data/real.db"), &link).unwrap();
+        let mut w = SqliteConn::open(&link, Role::Writer).unwrap();
+        w.batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+            .unwrap();
+        let wal = w.wal_file().unwrap();
+        assert_eq!(
+            wal,
+            std::fs::canonicalize(dir.path().join("data"))
+                .unwrap()
+                .join("real.db-wal")
+        );
+        assert!(!dir.path().join("link.db-wal").exists());
+        let before = std::fs::metadata(&wal).unwrap().len();
+        commit_a_page(&mut w);
+        assert!(
+            std::fs::metadata(&wal).unwrap().len() > before,
+            "the commit's frames are not in {}",
+            wal.display()
+        );
     }
 
     fn rows_in_t(w: &mut SqliteConn) -> i64 {
