@@ -76,11 +76,50 @@ impl PgConn {
             None => cfg.connect(NoTls),
         }
         .map_err(classify)?;
-        Ok(PgConn {
+        let mut conn = PgConn {
             client,
             statements: HashMap::new(),
             aborted: false,
-        })
+        };
+        conn.keep_commits_durable()?;
+        Ok(conn)
+    }
+
+    /// Callers are answered once `COMMIT` returns, so it must return only
+    /// once the commit is flushed. `synchronous_commit = off`, a common
+    /// tuning set for a database or role, makes it return before: this
+    /// session raises it to `on`. `local`, `remote_write` and `remote_apply`
+    /// are flushed locally already and are kept. `fsync = off` cannot be
+    /// undone from a session; it is reported once.
+    fn keep_commits_durable(&mut self) -> Result<(), DbError> {
+        if self.setting("synchronous_commit")? == "off" {
+            self.client
+                .batch_execute("SET synchronous_commit = on")
+                .map_err(classify)?;
+        }
+        if self.setting("fsync")? == "off" {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "PostgreSQL runs with fsync = off: a crash of its machine can lose debits already answered SUCCESS"
+                );
+            });
+        }
+        Ok(())
+    }
+
+    fn setting(&mut self, name: &str) -> Result<String, DbError> {
+        let messages = self
+            .client
+            .simple_query(&format!("SHOW {name}"))
+            .map_err(classify)?;
+        messages
+            .iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .ok_or_else(|| DbError::other(format!("SHOW {name} returned no row")))
     }
 
     fn statement(&mut self, sql: &'static str) -> Result<Statement, DbError> {
@@ -383,6 +422,42 @@ mod live {
         c.execute("INSERT INTO kept (n) VALUES (2)", &[]).unwrap();
         c.control(Control::Commit).unwrap();
         assert_eq!(count(&mut c), 1);
+    }
+
+    /// A database (or role) tuned with `synchronous_commit = off` would let
+    /// COMMIT return before the flush, and callers be told SUCCESS for work
+    /// a crash can take back: payrail's sessions raise it to `on`, and keep
+    /// a setting that is durable already.
+    #[test]
+    fn commits_are_flushed_even_where_the_database_turns_that_off() {
+        let Some(admin) = postgres_admin_url() else {
+            return;
+        };
+        let db = TestDb::postgres(&admin);
+        let name = db.sql("SELECT current_database()").remove(0);
+        let synchronous_commit = |c: &mut PgConn| c.setting("synchronous_commit").unwrap();
+        for (database_setting, session) in [
+            ("off", "on"),
+            ("local", "local"),
+            ("remote_apply", "remote_apply"),
+        ] {
+            db.sql(&format!(
+                "ALTER DATABASE {name} SET synchronous_commit = {database_setting}"
+            ));
+            // What a plain session there gets, and what payrail's gets.
+            let mut plain = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+            let plain: String = plain
+                .query_one("SHOW synchronous_commit", &[])
+                .unwrap()
+                .get(0);
+            assert_eq!(plain, database_setting);
+            let mut c = PgConn::connect(&options(db.url.clone())).unwrap();
+            assert_eq!(
+                synchronous_commit(&mut c),
+                session,
+                "database: {database_setting}"
+            );
+        }
     }
 
     fn options(url: String) -> PgOptions {
