@@ -449,3 +449,45 @@ async fn a_refund_splits_cashback_from_the_order_as_committed() {
     .unwrap();
     assert_eq!(after, (8, 1), "refunded, refunded cashback (paise)");
 }
+
+/// Another node's refund of the same order has claimed its refundid and not
+/// committed yet: its insert holds a KEY SHARE lock on the order row, for
+/// the refunds' foreign key. This refund then locks the order to read its
+/// totals. `FOR UPDATE` would wait for that KEY SHARE, and two such refunds
+/// would each wait for the other until the lock timeout, then again on
+/// every retry. The lock taken is one that a KEY SHARE does not block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_does_not_wait_for_another_nodes_claim_on_the_same_order() {
+    let Some(admin) = admin_url() else { return };
+    let db = Db::from(TestDb::postgres(&admin));
+    let s = Server::start_on(db.clone()).await;
+    let c = s.client();
+    let w = cell(32);
+    let token = s.wallet_with_token(&w, "10", "10").await;
+    let r = c
+        .debit(&Debit::new(&w, "3", "CLAIM_000001", &token))
+        .await
+        .unwrap();
+    assert_eq!(r.statuscode(), "0", "{r:?}");
+
+    let other = testkit::hold(&db.url, |tx| {
+        let n = tx
+            .execute(
+                "INSERT INTO mbk_refunds (mid, refundid, orderid, amount, refid, created_at)
+                 SELECT mid, 'RF_OTHER_NODE', orderid, 100, 'REFID_OTHER_NODE', 0
+                   FROM mbk_orders WHERE orderid = 'CLAIM_000001'",
+                &[],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    })
+    .await;
+    // Answered while the other node's claim is still open.
+    let r = c
+        .refund("CLAIM_000001", "RF_THIS_NODE", "0.50", true)
+        .await
+        .unwrap();
+    assert_eq!(r.statuscode(), "0", "{r:?}");
+    other.commit_once_waited_on(0).await;
+    assert_eq!(s.wallet_balance(&w).await, "7.50");
+}

@@ -4,8 +4,9 @@
 //! with SQLite's numbered placeholders (`?1`, `?2`, ...). Row locks are written
 //! as the comment `/*FOR UPDATE*/`: SQLite, whose single writer needs no row
 //! locks, ignores it; the PostgreSQL connection turns it into `FOR UPDATE`
-//! (and `/*FOR UPDATE SKIP LOCKED*/` into `FOR UPDATE SKIP LOCKED`, for work
-//! any node may do, such as pruning). So each query has one text and two engines, rather than two copies that drift.
+//! (likewise `/*FOR NO KEY UPDATE*/`, for rows that foreign keys point at,
+//! and `/*FOR UPDATE SKIP LOCKED*/`, for work any node may do, such as
+//! pruning). So each query has one text and two engines, rather than two copies that drift.
 
 use std::fmt;
 

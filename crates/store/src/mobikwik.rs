@@ -447,8 +447,12 @@ pub fn order(tx: &mut Tx<'_>, mid: &str, orderid: &str) -> Result<Option<OrderRo
     )
 }
 
-/// The order, locked until the transaction ends (see `/*FOR UPDATE*/`):
-/// for work that computes from its totals.
+/// The order, locked until the transaction ends: for work that computes
+/// from its totals. `NO KEY UPDATE` (PostgreSQL; SQLite has one writer):
+/// a refund claims its refundid before it locks the order, and that
+/// insert's foreign-key check holds a KEY SHARE lock on the order row,
+/// which `FOR UPDATE` would wait for. Two refunds of one order on two
+/// writers would each wait for the other's claim until the lock timeout.
 pub fn lock_order(
     tx: &mut Tx<'_>,
     mid: &str,
@@ -456,7 +460,7 @@ pub fn lock_order(
 ) -> Result<Option<OrderRow>, StoreError> {
     order_where(
         tx,
-        select_order!("WHERE mid = ?1 AND orderid = ?2 /*FOR UPDATE*/"),
+        select_order!("WHERE mid = ?1 AND orderid = ?2 /*FOR NO KEY UPDATE*/"),
         mid,
         orderid,
     )

@@ -139,6 +139,7 @@ impl PgConn {
 pub(crate) fn translate(sql: &str) -> String {
     let sql = sql
         .replace("/*FOR UPDATE*/", "FOR UPDATE")
+        .replace("/*FOR NO KEY UPDATE*/", "FOR NO KEY UPDATE")
         .replace("/*FOR UPDATE SKIP LOCKED*/", "FOR UPDATE SKIP LOCKED")
         .replace("/*RETURNING id*/", "RETURNING id");
     let mut out = String::with_capacity(sql.len());
@@ -372,6 +373,10 @@ mod tests {
         assert_eq!(
             translate("SELECT a FROM t LIMIT ?1 /*FOR UPDATE SKIP LOCKED*/"),
             "SELECT a FROM t LIMIT $1 FOR UPDATE SKIP LOCKED"
+        );
+        assert_eq!(
+            translate("SELECT a FROM t WHERE id = ?1 /*FOR NO KEY UPDATE*/"),
+            "SELECT a FROM t WHERE id = $1 FOR NO KEY UPDATE"
         );
         assert_eq!(translate("SELECT '?' AS q"), "SELECT '?' AS q");
         assert_eq!(
