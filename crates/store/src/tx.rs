@@ -36,10 +36,21 @@ pub struct Tx<'a> {
     pub(crate) wrote: bool,
 }
 
-/// Does `sql` change data? (Every query starts with its verb.)
+/// Does `sql` change data? Every query starts with its verb, or with `WITH`.
+/// A `WITH` may hide a DELETE (the PostgreSQL fold's): missing it would let a
+/// unit that failed after that statement pass for one that wrote nothing,
+/// and its batch commit the deletion alone. Any `WITH` naming a write verb
+/// counts; a false positive only costs a rerun.
 fn writes(sql: &str) -> bool {
     let verb = sql.trim_start().as_bytes();
     let starts = |w: &[u8]| verb.len() >= w.len() && verb[..w.len()].eq_ignore_ascii_case(w);
+    if starts(b"WITH") {
+        return verb.windows(6).any(|w| {
+            w.eq_ignore_ascii_case(b"INSERT")
+                || w.eq_ignore_ascii_case(b"UPDATE")
+                || w.eq_ignore_ascii_case(b"DELETE")
+        });
+    }
     starts(b"INSERT") || starts(b"UPDATE") || starts(b"DELETE")
 }
 
@@ -188,5 +199,30 @@ impl<'a> Tx<'a> {
 
     pub(crate) fn take_deferred(&mut self) -> Vec<(AccountId, Delta)> {
         std::mem::take(&mut self.job_deferred)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::writes;
+
+    #[test]
+    fn a_write_is_recognised_also_inside_a_with() {
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            "  update t SET a = 1",
+            "DELETE FROM t",
+            "WITH gone AS (DELETE FROM t RETURNING a) SELECT sum(a) FROM gone",
+            "with x as (select 1) insert into t select * from x",
+        ] {
+            assert!(writes(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT a FROM t",
+            "WITH totals AS (SELECT a FROM t) SELECT * FROM totals",
+            "",
+        ] {
+            assert!(!writes(sql), "{sql}");
+        }
     }
 }
