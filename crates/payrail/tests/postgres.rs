@@ -491,3 +491,61 @@ async fn a_refund_does_not_wait_for_another_nodes_claim_on_the_same_order() {
     other.commit_once_waited_on(0).await;
     assert_eq!(s.wallet_balance(&w).await, "7.50");
 }
+
+/// Two OTPs for one cell issued at once on two nodes: another node has
+/// closed the open OTP and inserted its own, not yet committed, when this
+/// node's request arrives. This one must not leave both open (the older one
+/// would work again once the newer is used or locked): it runs again after
+/// the other commits, and only its OTP stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn otps_issued_at_once_on_two_nodes_leave_one_open() {
+    let Some(admin) = admin_url() else { return };
+    let db = Db::from(TestDb::postgres(&admin));
+    let s = Server::start_on(db.clone()).await;
+    let c = s.client();
+    let w = cell(33);
+    let r = c.otp_generate(&w, "5.00").await.unwrap();
+    assert_eq!(r.statuscode(), "0", "{r:?}");
+
+    let other_cell = w.clone();
+    let other = testkit::hold(&db.url, move |tx| {
+        let closed = tx
+            .execute(
+                "UPDATE mbk_otps SET state = 2 WHERE cell = $1 AND state = 0",
+                &[&other_cell],
+            )
+            .unwrap();
+        assert_eq!(closed, 1);
+        tx.execute(
+            "INSERT INTO mbk_otps (mid, cell, digest, failed_attempts, state, created_at, expires_at, amount)
+             SELECT mid, cell, digest, 0, 0, created_at, expires_at, amount FROM mbk_otps WHERE cell = $1",
+            &[&other_cell],
+        )
+        .unwrap();
+    })
+    .await;
+    let issuing = tokio::spawn(async move { c.otp_generate(&w, "5.00").await });
+    // This node's UPDATE waits for the other's lock on the first OTP.
+    other.commit_once_waited_on(1).await;
+    let r = issuing.await.unwrap().unwrap();
+    assert_eq!(r.statuscode(), "0", "{r:?}");
+
+    let url = db.url.clone();
+    let open = tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let ids = |c: &mut postgres::Client, sql: &str| -> Vec<i64> {
+            c.query(sql, &[])
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        };
+        (
+            ids(&mut c, "SELECT id FROM mbk_otps WHERE state = 0"),
+            ids(&mut c, "SELECT max(id) FROM mbk_otps"),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(open.0, open.1, "open OTPs, and the newest");
+}

@@ -33,6 +33,7 @@ pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
     5 "0005_otp_amount",
     6 "0006_sandbox_mark",
     7 "0007_outbox_by_time",
+    8 "0008_one_open_otp",
 );
 
 pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
@@ -43,6 +44,7 @@ pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
     5 "0005_otp_amount",
     6 "0006_sandbox_mark",
     7 "0007_outbox_by_time",
+    8 "0008_one_open_otp",
 );
 
 fn digest(sql: &str) -> String {

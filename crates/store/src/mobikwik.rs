@@ -278,6 +278,11 @@ pub fn otps_issued_since(tx: &mut Tx<'_>, cell: &str, since: Timestamp) -> Resul
 }
 
 /// Issues an OTP for (mid, cell); any older open one stops working.
+///
+/// One open OTP per (mid, cell) is a unique index. An OTP issued by another
+/// writer and committed after this unit's UPDATE is not closed by it; the
+/// insert then finds that OTP and the unit runs again, after it, closing
+/// it: the later of two OTPs issued at once is the one that works.
 pub fn issue_otp(
     tx: &mut Tx<'_>,
     mid: &str,
@@ -291,9 +296,10 @@ pub fn issue_otp(
         &[mid.into(), cell.into()],
     )?;
     let now = tx.now().millis();
-    let row = tx.query_one(
+    let row = tx.query_opt(
         "INSERT INTO mbk_otps (mid, cell, digest, failed_attempts, state, created_at, expires_at, amount)
-         VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?6) RETURNING id",
+         VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?6)
+         ON CONFLICT (mid, cell) WHERE state = 0 DO NOTHING RETURNING id",
         &[
             mid.into(),
             cell.into(),
@@ -303,7 +309,10 @@ pub fn issue_otp(
             amount.minor().into(),
         ],
     )?;
-    Ok(row.int(0)?)
+    match row {
+        Some(row) => Ok(row.int(0)?),
+        None => Err(tx.conflict("an OTP for this cell was issued at the same time")),
+    }
 }
 
 /// The open OTP for (mid, cell), locked for update.

@@ -101,6 +101,12 @@ impl<'a> Tx<'a> {
         self.conn.dialect() == crate::conn::Dialect::Sqlite
     }
 
+    /// Work another writer committed meanwhile conflicts with this unit's:
+    /// the unit is undone and runs again, as after a lock timeout.
+    pub(crate) fn conflict(&mut self, detail: &str) -> StoreError {
+        self.note(crate::conn::DbError::new(DbErrorKind::Retryable, detail))
+    }
+
     fn note(&mut self, e: crate::conn::DbError) -> StoreError {
         self.failed = true;
         if e.kind == DbErrorKind::Retryable {
