@@ -549,3 +549,52 @@ async fn otps_issued_at_once_on_two_nodes_leave_one_open() {
     .unwrap();
     assert_eq!(open.0, open.1, "open OTPs, and the newest");
 }
+
+/// `/createwalletuser` while another node opens the same wallet (the admin
+/// API, say) and has not committed: this one waits for it, then finds the
+/// cell taken. It answers 153, not "User Created", and its OTP is not spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wallet_opened_meanwhile_by_another_node_is_not_created_twice() {
+    let Some(admin) = admin_url() else { return };
+    let db = Db::from(TestDb::postgres(&admin));
+    let s = Server::start_on(db.clone()).await;
+    let c = s.client();
+    let w = cell(34);
+    let r = c.otp_generate(&w, "0").await.unwrap();
+    assert_eq!(r.statuscode(), "0", "{r:?}");
+    let otp = s.last_otp(&w).await;
+
+    let other_cell = w.clone();
+    let other = testkit::hold(&db.url, move |tx| {
+        tx.execute(
+            "WITH a AS (
+                 INSERT INTO accounts (code, currency, flags, created_at)
+                 VALUES ('wallet:' || $1, 'INR', 1, 0) RETURNING id
+             )
+             INSERT INTO wallets (cell, account_id, email, blocked, created_at)
+             SELECT $1, id, NULL, 0, 0 FROM a",
+            &[&other_cell],
+        )
+        .unwrap();
+    })
+    .await;
+    let (c2, w2, otp2) = (c.clone(), w.clone(), otp.clone());
+    let creating =
+        tokio::spawn(async move { c2.create_wallet_user(&w2, "new@example.com", &otp2).await });
+    // This node's account insert waits for the other's.
+    other.commit_once_waited_on(1).await;
+    let r = creating.await.unwrap().unwrap();
+    assert_eq!(r.statuscode(), "153", "{r:?}");
+
+    let url = db.url.clone();
+    let open_otps: i64 = tokio::task::spawn_blocking(move || {
+        postgres::Client::connect(&url, postgres::NoTls)
+            .unwrap()
+            .query_one("SELECT count(*) FROM mbk_otps WHERE state = 0", &[])
+            .unwrap()
+            .get(0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(open_otps, 1, "the OTP is still open");
+}

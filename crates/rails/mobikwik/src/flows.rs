@@ -777,7 +777,11 @@ impl Rail {
                 if !Rail::check_otp(tx, &mid, &cell, &presented, max_failures, None)? {
                     return Ok(bad_otp.clone());
                 }
-                open_wallet(tx, &cell, Some(&email))?;
+                // Opened meanwhile (PostgreSQL: by another writer or the
+                // admin API): the OTP is not spent on it.
+                if !open_wallet(tx, &cell, Some(&email))? {
+                    return Err(Halt::Refuse(registered.clone()));
+                }
                 Ok(created.clone())
             })
             .await;
