@@ -530,24 +530,27 @@ async fn otps_issued_at_once_on_two_nodes_leave_one_open() {
     let r = issuing.await.unwrap().unwrap();
     assert_eq!(r.statuscode(), "0", "{r:?}");
 
+    assert_eq!(
+        column(&db, "SELECT id FROM mbk_otps WHERE state = 0").await,
+        column(&db, "SELECT max(id) FROM mbk_otps").await,
+        "open OTPs, and the newest"
+    );
+}
+
+/// The first column of `sql`'s rows, read straight from the database.
+async fn column(db: &Db, sql: &'static str) -> Vec<i64> {
     let url = db.url.clone();
-    let open = tokio::task::spawn_blocking(move || {
-        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        let ids = |c: &mut postgres::Client, sql: &str| -> Vec<i64> {
-            c.query(sql, &[])
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect()
-        };
-        (
-            ids(&mut c, "SELECT id FROM mbk_otps WHERE state = 0"),
-            ids(&mut c, "SELECT max(id) FROM mbk_otps"),
-        )
+    tokio::task::spawn_blocking(move || {
+        postgres::Client::connect(&url, postgres::NoTls)
+            .unwrap()
+            .query(sql, &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     })
     .await
-    .unwrap();
-    assert_eq!(open.0, open.1, "open OTPs, and the newest");
+    .unwrap()
 }
 
 /// `/createwalletuser` while another node opens the same wallet (the admin
@@ -586,15 +589,9 @@ async fn a_wallet_opened_meanwhile_by_another_node_is_not_created_twice() {
     let r = creating.await.unwrap().unwrap();
     assert_eq!(r.statuscode(), "153", "{r:?}");
 
-    let url = db.url.clone();
-    let open_otps: i64 = tokio::task::spawn_blocking(move || {
-        postgres::Client::connect(&url, postgres::NoTls)
-            .unwrap()
-            .query_one("SELECT count(*) FROM mbk_otps WHERE state = 0", &[])
-            .unwrap()
-            .get(0)
-    })
-    .await
-    .unwrap();
-    assert_eq!(open_otps, 1, "the OTP is still open");
+    assert_eq!(
+        column(&db, "SELECT count(*) FROM mbk_otps WHERE state = 0").await,
+        [1],
+        "the OTP is still open"
+    );
 }
