@@ -525,27 +525,7 @@ async fn the_same_post_on_two_nodes_answers_the_same() {
     let a = accounts(&node1, 3).await;
     let (issuer, wallet, merchant) = (a[0], a[1], a[2]);
     fund(&node1, issuer, wallet, 10_000).await;
-    let pending = node1
-        .write(move |tx| {
-            ledger::transfer(
-                tx,
-                &TransferRequest {
-                    scope: "test".into(),
-                    key: "hold".into(),
-                    op: TransferOp::Reserve {
-                        debit: wallet,
-                        credit: merchant,
-                        currency: Currency::INR,
-                        amount: Money::from_minor(5_000),
-                        timeout: None,
-                    },
-                },
-            )
-        })
-        .await
-        .unwrap()
-        .record
-        .id;
+    let pending = common::reserve(&node1, wallet, merchant, 5_000).await;
 
     // Hold the reservation's row while both nodes reach it.
     let holder = testkit::hold(&url, move |tx| {

@@ -187,28 +187,7 @@ async fn a_credit_past_the_range_never_stores_or_reads_a_wrong_total() {
 #[tokio::test]
 async fn a_checked_debit_counts_what_the_batch_already_queued_for_the_account() {
     let (t, a) = near_the_edge("debits_posted", 0).await;
-    let pending = t
-        .store
-        .write(move |tx| {
-            ledger::transfer(
-                tx,
-                &TransferRequest {
-                    scope: "test".into(),
-                    key: "hold".into(),
-                    op: TransferOp::Reserve {
-                        debit: a.0,
-                        credit: a.1,
-                        currency: Currency::INR,
-                        amount: Money::from_minor(80),
-                        timeout: None,
-                    },
-                },
-            )
-        })
-        .await
-        .unwrap()
-        .record
-        .id;
+    let pending = common::reserve(&t.store, a.0, a.1, 80).await;
     // One unit: the post (queued: debits_posted + 80) and then a debit of 50
     // that fits the row alone but not with the post.
     let unit = t

@@ -50,3 +50,35 @@ pub async fn open() -> TestStore {
     let store = open_at(db.location.clone(), ManualClock::at(1_700_000_000_000)).await;
     TestStore { store, db }
 }
+
+/// Reserves `minor` from `debit` to `credit` (INR, no timeout) under the key
+/// "hold", and returns the pending transfer.
+pub async fn reserve(
+    store: &Store,
+    debit: payrail_core::AccountId,
+    credit: payrail_core::AccountId,
+    minor: i64,
+) -> payrail_core::TransferId {
+    use payrail_core::{Currency, Money, TransferOp, TransferRequest};
+    store
+        .write(move |tx| {
+            payrail_store::ledger::transfer(
+                tx,
+                &TransferRequest {
+                    scope: "test".into(),
+                    key: "hold".into(),
+                    op: TransferOp::Reserve {
+                        debit,
+                        credit,
+                        currency: Currency::INR,
+                        amount: Money::from_minor(minor),
+                        timeout: None,
+                    },
+                },
+            )
+        })
+        .await
+        .expect("reserve")
+        .record
+        .id
+}
