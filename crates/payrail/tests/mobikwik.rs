@@ -1025,6 +1025,47 @@ async fn refunds_never_exceed_the_debit_and_replay_by_refundid() {
     s.verify_ok().await;
 }
 
+/// A refund that cannot fit is refused before anything is written. Refused
+/// after its refundid was claimed, each would make the writer roll its batch
+/// back and run it again, as often as a merchant cared to send one.
+#[tokio::test]
+async fn refunds_that_cannot_fit_cost_the_writer_no_rerun() {
+    let s = Server::start().await;
+    let c = s.client();
+    let w = cell(17);
+    let token = s.wallet_with_token(&w, "10", "10").await;
+    let r = send(
+        &c,
+        &c.debit_request(&Debit::new(&w, "10", "RERUN_00001", &token)),
+    )
+    .await;
+    assert_code(&r, "0");
+    let first = send(&c, &c.refund_request("RERUN_00001", "RR0", "6", true)).await;
+    assert_code(&first, "0");
+
+    let before = s.counter("payrail_group_commit_redos_total").await;
+    for n in 1..=5 {
+        let r = c.refund_request("RERUN_00001", &format!("RR{n}"), "4.01", true);
+        assert_code(&send(&c, &r).await, "45");
+    }
+    // A replay of the refund made still gets its first answer, though it
+    // would not fit as a new one.
+    let again = send(&c, &c.refund_request("RERUN_00001", "RR0", "6", true)).await;
+    assert_code(&again, "0");
+    assert_eq!(again.get("refid"), first.get("refid"));
+    assert_eq!(
+        s.counter("payrail_group_commit_redos_total").await,
+        before,
+        "refused refunds rolled their batches back and ran them again"
+    );
+    // Nothing of the refusals was kept: a refundid refused may be used for
+    // a refund that fits.
+    let r = send(&c, &c.refund_request("RERUN_00001", "RR1", "4", true)).await;
+    assert_code(&r, "0");
+    assert_eq!(s.wallet_balance(&w).await, "10.00");
+    s.verify_ok().await;
+}
+
 #[tokio::test]
 async fn admin_resources_are_idempotent() {
     let s = Server::start().await;

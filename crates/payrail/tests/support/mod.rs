@@ -219,6 +219,22 @@ impl Server {
         v
     }
 
+    /// A counter without labels from `/metrics`; 0 while nothing counted it.
+    pub async fn counter(&self, name: &str) -> u64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .map_or(0, |v| v.trim().parse().expect("counter value"))
+    }
+
     pub async fn wallet_balance(&self, cell: &str) -> String {
         let (status, v) = self.admin_get(&format!("/wallets/{cell}")).await;
         assert_eq!(status, StatusCode::OK, "{v}");

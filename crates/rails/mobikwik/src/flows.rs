@@ -1115,6 +1115,8 @@ fn refund_answer(
     }
 }
 
+const EXCEEDS: &str = "General error: refunds would exceed the transaction amount";
+
 /// One refund, as a unit of work.
 struct Refund {
     mid: String,
@@ -1137,6 +1139,19 @@ impl Refund {
         refund_answer(code, message, &self.txid, &self.refundid, &amount, refid)
     }
 
+    /// The refundid was used before: the first answer if it was this same
+    /// refund, a refusal otherwise.
+    fn replay(&self, done: &RefundRow, order: &OrderRow) -> Result<Answer, Halt> {
+        if done.orderid == order.orderid && done.amount == self.amount {
+            return Ok(self.answer(Code::Ok, "Refund completed successfully", &done.refid));
+        }
+        Err(Halt::Refuse(self.answer(
+            Code::RefundRefused,
+            "General error: refundid already used for a different refund",
+            "",
+        )))
+    }
+
     fn run(&self, tx: &mut Tx<'_>) -> Result<Answer, Halt> {
         let refuse = |code: Code, message: &str| Err(Halt::Refuse(self.answer(code, message, "")));
         let order = match db::order(tx, &self.mid, &self.txid)? {
@@ -1146,6 +1161,25 @@ impl Refund {
                 None => return refuse(Code::NoOrder, Code::NoOrder.description()),
             },
         };
+        // Refusals decided here write nothing, so they cost the batch nothing;
+        // after the claim below, each would roll the batch back and run it
+        // again with savepoints (see the store's writer), which a merchant
+        // could repeat at will. A refund already made must still get its
+        // first answer, so its refundid is looked up before the totals.
+        // Refunds only ever add to an order's totals, so one that does not
+        // fit now cannot fit later, on any engine: refusing it early agrees
+        // with the check under the row's lock below.
+        if let Some(done) = db::refund(tx, &self.mid, &self.refundid)? {
+            return self.replay(&done, &order);
+        }
+        if order
+            .refunded
+            .checked_add(self.amount)
+            .unwrap_or(Money::MAX)
+            > order.amount
+        {
+            return refuse(Code::RefundRefused, EXCEEDS);
+        }
         // Claim the refundid first: a concurrent request with the same one
         // (on any node) waits here for this unit and then sees its row.
         let claimed = db::insert_refund(
@@ -1162,13 +1196,7 @@ impl Refund {
         if !claimed {
             let done = db::refund(tx, &self.mid, &self.refundid)?
                 .ok_or_else(|| StoreError::Internal("claimed refundid vanished".into()))?;
-            if done.orderid == order.orderid && done.amount == self.amount {
-                return Ok(self.answer(Code::Ok, "Refund completed successfully", &done.refid));
-            }
-            return refuse(
-                Code::RefundRefused,
-                "General error: refundid already used for a different refund",
-            );
+            return self.replay(&done, &order);
         }
         // The split below follows the order's totals; a refund of the same
         // order committing on another writer must be counted, so they are
@@ -1182,10 +1210,7 @@ impl Refund {
             .checked_add(self.amount)
             .unwrap_or(Money::MAX);
         if refunded > order.amount {
-            return refuse(
-                Code::RefundRefused,
-                "General error: refunds would exceed the transaction amount",
-            );
+            return refuse(Code::RefundRefused, EXCEEDS);
         }
         let promo_part = refunded
             .mul_div_floor(order.cashback, order.amount)
@@ -1195,10 +1220,7 @@ impl Refund {
         let wallet_part = self.amount.checked_sub(promo_part).unwrap_or(Money::ZERO);
         // Conditional on the totals so far: two racing refunds cannot both fit.
         if !db::add_refund_to_order(tx, &self.mid, &order.orderid, self.amount, promo_part)? {
-            return refuse(
-                Code::RefundRefused,
-                "General error: refunds would exceed the transaction amount",
-            );
+            return refuse(Code::RefundRefused, EXCEEDS);
         }
         let wallet = db::wallet(tx, &order.cell)?
             .ok_or_else(|| StoreError::Internal("refunded order's wallet missing".into()))?;
