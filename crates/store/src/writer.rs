@@ -462,12 +462,11 @@ impl Writer {
                     redo_with_savepoints: false,
                 });
             }
-            let (outcome, failed, wants_retry, wrote, job_deferred) = {
+            let (outcome, failed, wants_retry, wrote, job_deferred, unit_now) = {
                 let mut tx = Tx::new(conn, now, &cfg.sealer, &deferred, true);
                 let outcome = catch_unwind(AssertUnwindSafe(|| q.job.run(&mut tx)));
-                now = tx.now();
                 let d = tx.take_deferred();
-                (outcome, tx.failed, tx.retry, tx.wrote, d)
+                (outcome, tx.failed, tx.retry, tx.wrote, d, tx.now())
             };
             let keep = matches!(outcome, Ok(Outcome::Commit)) && !failed;
             if !savepoints && !keep && (wrote || failed) {
@@ -507,6 +506,10 @@ impl Writer {
                 });
             }
             if keep {
+                // A unit may move the sandbox clock; the units after it see
+                // the new time only if its move is kept, as they would in a
+                // batch of their own.
+                now = unit_now;
                 for (account, d) in job_deferred {
                     deferred.entry(account).or_default().add(&d);
                 }
@@ -611,6 +614,36 @@ mod tests {
     use crate::testkit::TestDb;
     use crate::{MasterKey, Options, Store, StoreError};
 
+    /// Holds the writer in a unit of its own until the sender is used, so
+    /// that the units queued meanwhile share the next batch.
+    async fn hold_writer(
+        store: &Store,
+    ) -> (
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+        mpsc::Sender<()>,
+    ) {
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let (open_tx, open_rx) = mpsc::channel::<()>();
+        let (started_tx, open_rx) = (Mutex::new(started_tx), Mutex::new(open_rx));
+        let gate = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |_tx| {
+                        let _ = started_tx.lock().unwrap().send(());
+                        let _ = open_rx.lock().unwrap().recv();
+                        Ok::<_, StoreError>(())
+                    })
+                    .await
+            }
+        });
+        tokio::task::spawn_blocking(move || started_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        (gate, open_tx)
+    }
+
     /// A unit whose read fails shares a batch with one that wrote before it.
     /// On PostgreSQL that error aborts the whole transaction, and `COMMIT`
     /// then quietly rolls back: the writing unit must still be kept, and
@@ -637,25 +670,7 @@ mod tests {
 
         // A gate unit holds the writer until both units below are queued, so
         // that they share the next batch, the writing one first.
-        let (started_tx, started_rx) = mpsc::channel::<()>();
-        let (open_tx, open_rx) = mpsc::channel::<()>();
-        let (started_tx, open_rx) = (Mutex::new(started_tx), Mutex::new(open_rx));
-        let gate = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .write(move |_tx| {
-                        let _ = started_tx.lock().unwrap().send(());
-                        let _ = open_rx.lock().unwrap().recv();
-                        Ok::<_, StoreError>(())
-                    })
-                    .await
-            }
-        });
-        tokio::task::spawn_blocking(move || started_rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let (gate, open_tx) = hold_writer(&store).await;
         let paid = tokio::spawn({
             let store = store.clone();
             async move {
@@ -699,6 +714,63 @@ mod tests {
             .await
             .unwrap();
         assert!(kept.is_some(), "a unit told it succeeded was not kept");
+        store.close().await;
+    }
+
+    /// A unit that moved the sandbox clock and then failed is undone alone;
+    /// the unit after it in the same batch must not run at the time it set.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clock_move_rolled_back_is_not_seen_by_the_next_unit() {
+        let db = TestDb::fresh();
+        let mut o = Options::new(
+            db.location.clone(),
+            MasterKey::from_bytes([7; 32]),
+            Arc::new(SystemClock),
+        );
+        o.postgres.writers = 1;
+        o.sandbox_clock = true;
+        let store = Store::open(o).await.unwrap();
+        let before = store
+            .write(|tx| Ok::<_, StoreError>(tx.now()))
+            .await
+            .unwrap();
+
+        let (gate, open_tx) = hold_writer(&store).await;
+        let moved = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(|tx| {
+                        crate::sandbox::advance_clock(tx, 86_400)?;
+                        Err::<(), _>(StoreError::Internal("refused after the move".into()))
+                    })
+                    .await
+            }
+        });
+        while store.queued() < 1 {
+            tokio::task::yield_now().await;
+        }
+        let next = tokio::spawn({
+            let store = store.clone();
+            async move { store.write(|tx| Ok::<_, StoreError>(tx.now())).await }
+        });
+        while store.queued() < 2 {
+            tokio::task::yield_now().await;
+        }
+        open_tx.send(()).unwrap();
+
+        gate.await.unwrap().unwrap();
+        assert!(moved.await.unwrap().is_err());
+        let seen = next.await.unwrap().unwrap();
+        let later = store
+            .write(|tx| Ok::<_, StoreError>(tx.now()))
+            .await
+            .unwrap();
+        assert!(
+            seen.millis() - before.millis() < 3_600_000,
+            "the next unit ran a day ahead: {before:?} then {seen:?}"
+        );
+        assert!(later.millis() - before.millis() < 3_600_000, "{later:?}");
         store.close().await;
     }
 }
