@@ -267,3 +267,123 @@ async fn bench_writes_wrk_debits_the_server_accepts_exactly_once() {
     }
     s.verify_ok().await;
 }
+
+/// Runs `payrail bench` with `args`; its exit code, stdout and stderr.
+async fn bench(args: Vec<String>) -> (Option<i32>, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_payrail"))
+            .arg("bench")
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// One second of load on two connections, and the JSON report's one run.
+fn short_run(extra: &[&str], json: &std::path::Path) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--connections",
+        "2",
+        "--duration",
+        "1",
+        "--healthz-duration",
+        "1",
+        "--warmup",
+        "0",
+        "--admin-token",
+        support::ADMIN_TOKEN,
+        "--json",
+        json.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn run_of(json: &std::path::Path) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    v["runs"][0].clone()
+}
+
+/// The harness's debits all deserve SUCCESS; a run where they were refused
+/// reports the refusals and fails, rather than passing with the refusals
+/// counted as throughput.
+#[tokio::test]
+async fn bench_fails_a_run_whose_debits_were_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = support::Server::start().await;
+    let json = dir.path().join("ok.json");
+    let (code, out, err) = bench(short_run(&["--url", &s.base, "--wallets", "2"], &json)).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let run = run_of(&json);
+    assert!(run["debit"]["requests"].as_u64().unwrap() > 0, "{run}");
+    assert_eq!(run["debit"]["not_success"], 0, "{run}");
+    assert!(run["healthz"]["requests"].as_u64().unwrap() > 0, "{run}");
+
+    // The one wallet of a one-wallet run, opened as the harness would and
+    // blocked: every debit is refused (305).
+    let s = support::Server::start().await;
+    let cell = "7000000000";
+    let (st, v) = s
+        .admin_post(
+            "/wallets",
+            serde_json::json!({ "cell": cell, "balance": "9999999999.99" }),
+        )
+        .await;
+    assert!(st.is_success(), "{v}");
+    let (st, v) = s
+        .admin_post(&format!("/wallets/{cell}/block"), serde_json::json!({}))
+        .await;
+    assert!(st.is_success(), "{v}");
+    let json = dir.path().join("refused.json");
+    let (code, out, err) = bench(short_run(&["--url", &s.base, "--wallets", "1"], &json)).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    let run = run_of(&json);
+    let sent = run["debit"]["requests"].as_u64().unwrap();
+    assert!(sent > 0, "{run}");
+    assert_eq!(run["debit"]["not_success"].as_u64(), Some(sent), "{run}");
+    assert!(err.contains("refused"), "{err}");
+}
+
+/// Tokens kept beside a database from an earlier run are checked before they
+/// are used: stale ones (expired, or from another database) stop the run
+/// with the reason instead of making every debit a refusal.
+#[tokio::test]
+async fn bench_refuses_kept_tokens_that_no_longer_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("b.db");
+    let db_arg = db.to_str().unwrap().to_string();
+    let json = dir.path().join("first.json");
+    let (code, out, err) = bench(short_run(&["--db", &db_arg, "--wallets", "2"], &json)).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let kept = dir.path().join("b.db.bench-tokens");
+    let text = std::fs::read_to_string(&kept).unwrap();
+    assert_eq!(text.lines().count(), 2, "{text}");
+
+    // The same run again reuses them.
+    let json = dir.path().join("again.json");
+    let (code, out, err) = bench(short_run(&["--db", &db_arg, "--wallets", "2"], &json)).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(err.contains("reusing 2 wallets"), "{err}");
+
+    // Tokens the server never issued, for the same wallets.
+    let stale: String = text
+        .lines()
+        .map(|l| format!("{} {}\n", l.split_once(' ').unwrap().0, "ab".repeat(16)))
+        .collect();
+    std::fs::write(&kept, stale).unwrap();
+    let json = dir.path().join("stale.json");
+    let (code, out, err) = bench(short_run(&["--db", &db_arg, "--wallets", "2"], &json)).await;
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains("no longer work"), "{err}");
+    assert!(!json.exists(), "a run was made with stale tokens");
+}

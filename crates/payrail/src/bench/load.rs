@@ -58,12 +58,19 @@ pub async fn run<W: Workload>(
         .collect();
     let mut total = Tally::default();
     for t in tasks {
-        if let Ok(t) = t.await {
-            total.merge(t);
+        match t.await {
+            Ok(t) => total.merge(t),
+            // A connection that panicked lost its count: never report that as
+            // a clean run.
+            Err(_) => total.errors += 1,
         }
     }
     (total, started.elapsed())
 }
+
+/// How long past the run's end one answer may take before it counts as an
+/// error: a server that stops answering must not hold the harness for ever.
+const ANSWER_GRACE: Duration = Duration::from_secs(10);
 
 async fn connection<W: Workload>(addr: SocketAddr, w: &W, conn: usize, deadline: Instant) -> Tally {
     let mut tally = Tally::default();
@@ -91,11 +98,12 @@ async fn connection<W: Workload>(addr: SocketAddr, w: &W, conn: usize, deadline:
         w.request(conn, n, &mut req);
         n += 1;
         let t0 = Instant::now();
-        let answer = async {
+        let answer = tokio::time::timeout_at((deadline + ANSWER_GRACE).into(), async {
             s.write_all(&req).await?;
             read_response(s, &mut buf).await
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
         match answer {
             Ok((200, body)) => {
                 tally

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use payrail_mobikwik::{checksum, fixtures};
 
 use load::Workload;
@@ -42,8 +42,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "spread")]
     mode: Mode,
     /// Wallets (overrides the mode's count).
-    #[arg(long)]
-    wallets: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    wallets: Option<u32>,
     /// Connection counts, comma-separated; several make a sweep (and a chart).
     #[arg(long, default_value = "64", value_delimiter = ',')]
     connections: Vec<usize>,
@@ -151,10 +151,16 @@ impl OwnServer {
 
     fn stop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = Command::new("kill")
+            // SIGTERM, so the server shuts down as in production (drains and
+            // checkpoints); if the signal cannot be sent, kill it outright.
+            let sent = Command::new("kill")
                 .args(["-TERM", &self.child.id().to_string()])
                 .stderr(Stdio::null())
-                .status();
+                .status()
+                .is_ok_and(|s| s.success());
+            if !sent {
+                let _ = self.child.kill();
+            }
         }
         let _ = self.child.wait();
     }
@@ -263,7 +269,7 @@ async fn setup(
 ) -> Result<Vec<(String, String)>, String> {
     let http = reqwest::Client::new();
     let started = Instant::now();
-    let results: Vec<Result<(String, String), String>> = futures::stream::iter(0..wallets)
+    let out: Vec<(String, String)> = futures::stream::iter(0..wallets)
         .map(|i| {
             let http = http.clone();
             let cell = format!("7{i:09}");
@@ -299,10 +305,9 @@ async fn setup(
                 Ok((cell, t.to_string()))
             }
         })
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    let out = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        .buffered(64)
+        .try_collect()
+        .await?;
     eprintln!(
         "set up {wallets} wallets and tokens in {:.1}s",
         started.elapsed().as_secs_f64()
@@ -310,12 +315,41 @@ async fn setup(
     Ok(out)
 }
 
+/// Tokens expire, and the file may outlive its database: a cached token that
+/// no longer works would turn every debit into a refusal. The first and the
+/// last are asked for their wallet's balance.
+async fn check_cached(
+    base: &str,
+    list: &[(String, String)],
+    file: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let client = payrail_mobikwik::client::Client::sandbox(base);
+    for (cell, token) in [list.first(), list.last()].into_iter().flatten() {
+        let r = client
+            .balance(cell, token)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !r.is_success() {
+            return Err(format!(
+                "the tokens kept in {} no longer work on this server (statuscode {} for {cell}): \
+                 delete that file, or use a fresh database",
+                file.map_or_else(String::new, |f| f.display().to_string()),
+                r.statuscode()
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(args: BenchArgs) -> Result<bool, String> {
-    let wallets = args.wallets.unwrap_or(match args.mode {
-        Mode::Spread => 10_000,
-        Mode::Hot => 1,
-        Mode::Large => 1_000_000,
-    });
+    let wallets = args.wallets.map_or(
+        match args.mode {
+            Mode::Spread => 10_000,
+            Mode::Hot => 1,
+            Mode::Large => 1_000_000,
+        },
+        |w| w as usize,
+    );
     // Enough for every debit of the run at 1.00 each.
     let balance = if wallets == 1 {
         "9999999999.99"
@@ -345,6 +379,8 @@ pub async fn run(args: BenchArgs) -> Result<bool, String> {
             base
         }
     };
+    // Refuse a URL the load cannot use before spending minutes on set-up.
+    addr_of(&base)?;
     // Tokens of an earlier run on the same SQLite database, if any.
     let token_file = match args.db.as_deref().map(payrail_store::Location::parse) {
         Some(Ok(payrail_store::Location::Sqlite(path))) => {
@@ -368,6 +404,7 @@ pub async fn run(args: BenchArgs) -> Result<bool, String> {
         .filter(|list: &Vec<(String, String)>| list.len() == wallets);
     let wallet_list = match cached {
         Some(list) => {
+            check_cached(&base, &list, token_file.as_deref()).await?;
             eprintln!(
                 "reusing {} wallets and tokens from an earlier run",
                 list.len()
@@ -411,11 +448,13 @@ pub async fn run(args: BenchArgs) -> Result<bool, String> {
         return Ok(true);
     }
 
-    let load_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let load_rt = LoadRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads.max(1))
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?,
+    ));
     let healthz = Arc::new(load::Healthz { host });
     let mut rows = Vec::new();
     for &c in &args.connections {
@@ -423,6 +462,7 @@ pub async fn run(args: BenchArgs) -> Result<bool, String> {
             let (debit, healthz) = (Arc::clone(&debit), Arc::clone(&healthz));
             let (hd, dd, wu) = (args.healthz_duration, args.duration, args.warmup);
             load_rt
+                .handle()
                 .spawn(async move {
                     let h = load::run(addr, healthz, c, Duration::from_secs(hd)).await;
                     if wu > 0 {
@@ -466,6 +506,34 @@ pub async fn run(args: BenchArgs) -> Result<bool, String> {
         std::fs::write(path, report::svg(&result))
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    load_rt.shutdown_background();
-    Ok(result.rows.iter().all(|r| r.debit.errors == 0))
+    drop(load_rt);
+    // Every debit of the harness has a fresh orderid, a valid token and the
+    // balance to pay: any other answer is a fault, not a result.
+    let clean = result
+        .rows
+        .iter()
+        .all(|r| r.debit.errors == 0 && r.debit.not_ok == 0 && r.healthz.errors == 0);
+    if !clean {
+        eprintln!("payrail bench: some requests failed or were refused (see the table)");
+    }
+    Ok(clean)
+}
+
+/// The load generator's own runtime. Dropped inside the caller's runtime
+/// (on any early return too), a tokio runtime would panic; this one shuts
+/// down in the background instead.
+struct LoadRuntime(Option<tokio::runtime::Runtime>);
+
+impl LoadRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("present until dropped").handle()
+    }
+}
+
+impl Drop for LoadRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
