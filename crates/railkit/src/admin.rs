@@ -159,13 +159,62 @@ fn json_rejection(r: JsonRejection) -> AdminError {
             "unsupported_media_type",
             "the body must be JSON with 'Content-Type: application/json'",
         ),
-        JsonRejection::JsonDataError(e) => AdminError::bad_request(e.body_text()),
-        JsonRejection::JsonSyntaxError(e) => AdminError::bad_request(e.body_text()),
+        JsonRejection::JsonDataError(e) => AdminError::bad_request(without_values(&e.body_text())),
+        JsonRejection::JsonSyntaxError(e) => {
+            AdminError::bad_request(without_values(&e.body_text()))
+        }
         other if status == StatusCode::PAYLOAD_TOO_LARGE => {
             AdminError::new(status, "payload_too_large", other.body_text())
         }
         other => AdminError::new(status, "invalid_request", other.body_text()),
     }
+}
+
+/// serde names the field and the kind of a value it refused, and quotes the
+/// value itself ("invalid type: integer `123…`"). The value may be a secret
+/// sent in the wrong shape, so it is cut out; field names (also in
+/// backticks, after "field") stay, as they say what to fix.
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = ["invalid type: ", "invalid value: ", "invalid length "]
+        .iter()
+        .filter_map(|p| rest.find(p).map(|i| i + p.len()))
+        .min()
+    {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        // The kind ("integer", "string", "floating point", ...) stays; the
+        // quoted value after it goes.
+        let Some(open) = rest.find(['`', '"', ',']) else {
+            break;
+        };
+        out.push_str(&rest[..open]);
+        let quote = rest.as_bytes()[open];
+        if quote == b',' {
+            rest = &rest[open..];
+            continue;
+        }
+        let mut close = None;
+        let mut escaped = false;
+        for (i, c) in rest[open + 1..].char_indices() {
+            match c {
+                '\\' if quote == b'"' && !escaped => escaped = true,
+                c if c == char::from(quote) && !escaped => {
+                    close = Some(open + 1 + i);
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        out.push('…');
+        rest = match close {
+            Some(c) => &rest[c + 1..],
+            None => "",
+        };
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Reads a JSON string or number token as text, without ever going through a
@@ -187,13 +236,14 @@ fn decimal_text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 /// Deserializes an amount: `"150.50"` (preferred) or `150.50`.
 pub fn money<'de, D: Deserializer<'de>>(d: D) -> Result<Money, D::Error> {
     let text = decimal_text(d)?;
-    Money::parse(&text).map_err(|e| D::Error::custom(format!("invalid amount {text:?}: {e}")))
+    // The text is not repeated: whatever was sent in its place is not echoed.
+    Money::parse(&text).map_err(|e| D::Error::custom(format!("invalid amount: {e}")))
 }
 
 /// Deserializes a percentage with up to two decimals: `"20"`, `12.5`.
 pub fn percent<'de, D: Deserializer<'de>>(d: D) -> Result<Percent, D::Error> {
     let text = decimal_text(d)?;
-    Percent::parse(&text).map_err(|e| D::Error::custom(format!("invalid percent {text:?}: {e}")))
+    Percent::parse(&text).map_err(|e| D::Error::custom(format!("invalid percent: {e}")))
 }
 
 #[cfg(test)]
@@ -204,6 +254,38 @@ mod tests {
     struct Body {
         #[serde(deserialize_with = "money")]
         amount: Money,
+    }
+
+    #[test]
+    fn refused_values_are_not_repeated() {
+        for (message, kept) in [
+            (
+                "secret: invalid type: integer `123456789012`, expected a string at line 1 column 40",
+                "secret: invalid type: integer …, expected a string at line 1 column 40",
+            ),
+            (
+                r#"cell: invalid type: string "S3cret\"x`y", expected u32"#,
+                "cell: invalid type: string …, expected u32",
+            ),
+            (
+                "invalid value: floating point `1.5`, expected u8",
+                "invalid value: floating point …, expected u8",
+            ),
+            (
+                "unknown field `secrett`, expected one of `mid`, `secret`",
+                "unknown field `secrett`, expected one of `mid`, `secret`",
+            ),
+            (
+                "invalid type: map, expected a string",
+                "invalid type: map, expected a string",
+            ),
+            (
+                "invalid type: string \"unterminated",
+                "invalid type: string …",
+            ),
+        ] {
+            assert_eq!(without_values(message), kept);
+        }
     }
 
     #[test]

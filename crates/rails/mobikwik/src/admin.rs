@@ -63,15 +63,23 @@ fn merchant_json(m: &Merchant, balance: Option<Money>) -> Value {
 
 /// Registers a merchant. `Ok(true)`: created; `Ok(false)`: it already existed
 /// exactly so.
+/// Every admin path that takes a mid checks it first: no merchant can have
+/// another, and a 404 must not repeat kilobytes of whatever was sent.
+fn check_mid(mid: &str) -> Result<(), AdminError> {
+    if wire::valid_ident(mid, 32) {
+        Ok(())
+    } else {
+        Err(AdminError::bad_request(
+            "mid must be 1 to 32 letters, digits, '_' or '-'",
+        ))
+    }
+}
+
 pub(crate) async fn create_merchant(
     rail: &Rail,
     req: NewMerchant,
 ) -> Result<(bool, Arc<Merchant>), AdminError> {
-    if !wire::valid_ident(&req.mid, 32) {
-        return Err(AdminError::bad_request(
-            "mid must be 1 to 32 letters, digits, '_' or '-'",
-        ));
-    }
+    check_mid(&req.mid)?;
     if !wire::valid_text(&req.name, 64) || req.name.is_empty() {
         return Err(AdminError::bad_request("name must be 1 to 64 characters"));
     }
@@ -234,6 +242,7 @@ pub(crate) async fn create_token(
     cap: Money,
     token: Option<String>,
 ) -> Result<Value, AdminError> {
+    check_mid(&mid)?;
     check_cell(&cell)?;
     if !cap.is_positive() {
         return Err(AdminError::bad_request("amount (the cap) must be positive"));
@@ -333,6 +342,7 @@ async fn get_merchant(
     State(rail): Shared,
     AdminPath(mid): AdminPath<String>,
 ) -> Result<Json<Value>, AdminError> {
+    check_mid(&mid)?;
     let m = rail
         .merchants
         .get(&rail.store, &mid)
