@@ -247,18 +247,22 @@ async fn sandbox_endpoints_are_404_outside_sandbox() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }
 
-/// A zero that would disable a bound (or prune every message at once) is
-/// refused at start, with the key named.
+/// A zero that would disable a bound (or prune every message at once), and
+/// rail settings that would overflow or let an OTP be guessed, are refused
+/// at start, with the key named.
 #[test]
-fn zero_bounds_are_refused_at_start() {
+fn unsafe_bounds_are_refused_at_start() {
     let db = Db::fresh();
     let file = db.dir().join("zero.toml");
-    for (section, key) in [
-        ("limits", "body_timeout_secs"),
-        ("limits", "max_connections"),
-        ("store", "outbox_retention_hours"),
+    for (section, key, value) in [
+        ("limits", "body_timeout_secs", "0"),
+        ("limits", "max_connections", "0"),
+        ("store", "outbox_retention_hours", "0"),
+        ("mobikwik", "token_ttl_days", "300000000000000"),
+        ("mobikwik", "otp_max_failures", "1000000"),
+        ("mobikwik", "otp_per_hour", "0"),
     ] {
-        std::fs::write(&file, format!("[{section}]\n{key} = 0\n")).unwrap();
+        std::fs::write(&file, format!("[{section}]\n{key} = {value}\n")).unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_payrail"))
             .args([
                 "serve",
@@ -272,10 +276,34 @@ fn zero_bounds_are_refused_at_start() {
             .arg(&file)
             .output()
             .unwrap();
-        assert!(!out.status.success(), "{key} = 0 was accepted");
+        assert!(!out.status.success(), "{key} = {value} was accepted");
         let stderr = String::from_utf8(out.stderr).unwrap();
         assert!(stderr.contains(key), "{key}: {stderr}");
     }
+}
+
+/// A PostgreSQL URL typed without its `//` would otherwise name a local
+/// SQLite file; a misspelt scheme is refused too, and neither error shows
+/// the password.
+#[test]
+fn a_mistyped_database_url_is_refused_without_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in [
+        "postgres:/app:S3cret@db/pay",
+        "postgress://app:S3cret@db/pay",
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_payrail"))
+            .current_dir(dir.path())
+            .args(["serve", "--sandbox", "--listen", "127.0.0.1:0", "--db", url])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{url} was accepted");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains("database URL"), "{stderr}");
+        assert!(!stderr.contains("S3cret"), "{stderr}");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "files were created: {left:?}");
 }
 
 #[tokio::test]
@@ -299,6 +327,37 @@ async fn refuses_to_start_without_an_admin_token() {
         reason[0].contains("admin token") && reason[0].contains("PAYRAIL_ADMIN_TOKEN"),
         "{stderr}"
     );
+}
+
+/// Outside sandbox mode, the published sandbox token and short tokens are
+/// warned about at start (without printing them); a long one is not.
+#[tokio::test]
+async fn a_weak_admin_token_is_warned_about_outside_sandbox() {
+    let long = "k7Qm2Xw9Lp4Vt8Rz1Nc6Hb3Jd5Fg0Ys2";
+    for (token, warning) in [
+        (support::ADMIN_TOKEN, Some("published sandbox one")),
+        ("letmein", Some("admin token is short")),
+        (long, None),
+    ] {
+        let s = Server::start_with(
+            Db::fresh(),
+            Start {
+                sandbox: false,
+                admin_token: Some(token.to_string()),
+                ..Start::default()
+            },
+        )
+        .await;
+        let (st, _) = s.admin_get("/ledger/verify").await;
+        let log = s.log_text();
+        match warning {
+            Some(w) => assert!(log.contains(w), "{token}: {log}"),
+            None => assert!(!log.contains("admin token is"), "{log}"),
+        }
+        assert!(!log.contains(token), "the token was printed: {log}");
+        // Warned, and still served with it.
+        assert_eq!(st, StatusCode::OK);
+    }
 }
 
 /// Flags, then environment, then the file: either can turn off the file's
@@ -687,6 +746,42 @@ async fn malformed_admin_input_gets_a_typed_4xx() {
     }
     let r = s.http.get(s.url("/no/such/path")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // A refused value is not repeated: it may be a secret in the wrong shape.
+    let (st, v) = s
+        .admin_post(
+            "/mobikwik/merchants",
+            json!({ "mid": "MBK4242", "name": "Shop", "secret": 918273645546372819u64 }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("secret"),
+        "{v}"
+    );
+    assert!(!v.to_string().contains("918273645546372819"), "{v}");
+    let (st, v) = s
+        .admin_post(
+            "/wallets",
+            json!({ "cell": "9800000001", "balance": "9182736455.4637281" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(!v.to_string().contains("4637281"), "{v}");
+    // A mid that no merchant can have is refused before any lookup, and not
+    // repeated.
+    let long = "M".repeat(4000);
+    for (st, v) in [
+        s.admin_get(&format!("/mobikwik/merchants/{long}")).await,
+        s.admin_post(
+            "/mobikwik/tokens",
+            json!({ "mid": long, "cell": "9800000001", "amount": "1" }),
+        )
+        .await,
+    ] {
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+        assert!(!v.to_string().contains(&long), "{v}");
+    }
 
     // A path segment that is not UTF-8, and a method the endpoint does not
     // take: the same JSON errors, and 405 keeps its Allow header.

@@ -219,6 +219,7 @@ impl Config {
                 "limits.body_timeout_secs and limits.max_connections must be at least 1".into(),
             ));
         }
+        file.mobikwik.validate().map_err(ConfigError::Invalid)?;
         if file.store.outbox_retention_hours == 0 {
             return Err(ConfigError::Invalid(
                 "store.outbox_retention_hours must be at least 1".into(),

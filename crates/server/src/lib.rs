@@ -46,6 +46,22 @@ pub async fn build(cfg: &Config) -> Result<App, ServeError> {
                 .into(),
         ));
     };
+    if !cfg.sandbox {
+        use secrecy::ExposeSecret;
+        let token = admin_token.expose_secret();
+        // Warned, not refused: a start that fails would take a working
+        // deployment down on upgrade. The token itself is never printed.
+        if token == config::SANDBOX_ADMIN_TOKEN {
+            tracing::warn!(
+                "the admin token is the published sandbox one: anyone can move money through the admin API; set PAYRAIL_ADMIN_TOKEN to a long random value"
+            );
+        } else if token.len() < 32 {
+            tracing::warn!(
+                chars = token.len(),
+                "the admin token is short; use at least 32 random characters"
+            );
+        }
+    }
     let master_key = keys::resolve(cfg).map_err(ServeError::Startup)?;
     let mut opts = Options::new(cfg.db.clone(), master_key.clone(), Arc::new(SystemClock));
     opts.sandbox_clock = cfg.sandbox;

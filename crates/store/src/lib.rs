@@ -147,13 +147,20 @@ impl Location {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(Location::Postgres(url.to_string()));
         }
+        // A mistyped PostgreSQL URL must not become a local SQLite file (with
+        // a key beside it) that quietly takes the writes meant for the cluster.
+        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            return Err("unsupported database URL: PostgreSQL URLs begin with postgres://".into());
+        }
         let path = url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
             .unwrap_or(url);
         if path.is_empty() || path.contains("://") {
+            // The URL may hold a password (a misspelt scheme, say).
             return Err(format!(
-                "unsupported database URL {url:?}: use sqlite://PATH or postgres://..."
+                "unsupported database URL {:?}: use sqlite://PATH or postgres://...",
+                redact_password(url)
             ));
         }
         Ok(Location::Sqlite(PathBuf::from(path)))
@@ -733,6 +740,23 @@ mod tests {
         }
         let printed = format!("{:?}", Location::parse("postgres://a:S3cret@h/d").unwrap());
         assert!(!printed.contains("S3cret"), "{printed}");
+    }
+
+    #[test]
+    fn a_mistyped_database_url_is_refused_without_its_password() {
+        for url in [
+            "postgress://app:S3cret@db/pay",
+            "mysql://app:S3cret@db/pay",
+            "postgres:/app:S3cret@db/pay",
+            "postgresql:app:S3cret@db/pay",
+        ] {
+            let e = Location::parse(url).expect_err(url);
+            assert!(!e.contains("S3cret"), "{e}");
+        }
+        assert!(matches!(
+            Location::parse("sqlite:data/p.db"),
+            Ok(Location::Sqlite(p)) if p == std::path::Path::new("data/p.db")
+        ));
     }
 
     proptest! {

@@ -66,6 +66,30 @@ impl Default for MobikwikConfig {
 }
 
 impl MobikwikConfig {
+    /// Refuses settings that would break a rule silently: a TTL whose
+    /// seconds overflow, or OTP limits that let a 6-digit code be guessed
+    /// (wrong tries per OTP times OTPs per hour is what a guesser gets).
+    pub fn validate(&self) -> Result<(), String> {
+        let checks: [(&str, u64, std::ops::RangeInclusive<u64>); 6] = [
+            ("token_ttl_days", self.token_ttl_days, 1..=3_650),
+            ("regen_limit", u64::from(self.regen_limit), 0..=1_000),
+            ("regen_window_hours", self.regen_window_hours, 1..=8_760),
+            ("otp_ttl_minutes", self.otp_ttl_minutes, 1..=1_440),
+            ("otp_max_failures", u64::from(self.otp_max_failures), 1..=10),
+            ("otp_per_hour", u64::from(self.otp_per_hour), 1..=1_000),
+        ];
+        for (key, value, range) in checks {
+            if !range.contains(&value) {
+                return Err(format!(
+                    "mobikwik.{key} must be from {} to {} (it is {value})",
+                    range.start(),
+                    range.end()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn settings(&self) -> Settings {
         Settings {
             token_ttl: Duration::from_secs(self.token_ttl_days * 86_400),
