@@ -1066,6 +1066,64 @@ async fn refunds_that_cannot_fit_cost_the_writer_no_rerun() {
     s.verify_ok().await;
 }
 
+/// A token issued for a reference is issued once: a retry gets the same
+/// token (200), the same reference with another cap is refused, and without
+/// a reference every call issues a new one.
+#[tokio::test]
+async fn admin_tokens_for_a_reference_are_issued_once() {
+    let s = Server::start().await;
+    let c = s.client();
+    let w = cell(18);
+    let (st, v) = s
+        .admin_post("/wallets", json!({ "cell": w, "balance": "50" }))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let body = json!({ "mid": MID, "cell": w, "amount": "10", "reference": "order-setup-1" });
+    let (st, first) = s.admin_post("/mobikwik/tokens", body.clone()).await;
+    assert_eq!(st, StatusCode::CREATED, "{first}");
+    let token = first["token"].as_str().unwrap().to_string();
+    assert_eq!(token.len(), 32);
+    let (st, again) = s.admin_post("/mobikwik/tokens", body.clone()).await;
+    assert_eq!((st, &again), (StatusCode::OK, &first));
+
+    let mut other_cap = body.clone();
+    other_cap["amount"] = json!("11");
+    let (st, v) = s.admin_post("/mobikwik/tokens", other_cap).await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    assert!(!v.to_string().contains(&token), "{v}");
+    let mut other_ref = body.clone();
+    other_ref["reference"] = json!("order-setup-2");
+    let (st, v) = s.admin_post("/mobikwik/tokens", other_ref).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_ne!(v["token"], first["token"]);
+    let mut bad_ref = body.clone();
+    bad_ref["reference"] = json!("no spaces allowed");
+    assert_eq!(
+        s.admin_post("/mobikwik/tokens", bad_ref).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let plain = json!({ "mid": MID, "cell": w, "amount": "10" });
+    let (a, b) = (
+        s.admin_post("/mobikwik/tokens", plain.clone()).await.1,
+        s.admin_post("/mobikwik/tokens", plain).await.1,
+    );
+    assert_ne!(a["token"], b["token"]);
+
+    // The token works, with its cap.
+    let r = send(
+        &c,
+        &c.debit_request(&Debit::new(&w, "10", "REFTOKEN0001", &token)),
+    )
+    .await;
+    assert_code(&r, "0");
+    let r = send(
+        &c,
+        &c.debit_request(&Debit::new(&w, "10.01", "REFTOKEN0002", &token)),
+    )
+    .await;
+    assert_code(&r, "303");
+}
+
 #[tokio::test]
 async fn admin_resources_are_idempotent() {
     let s = Server::start().await;

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use crate::flows::{self, CURRENCY, Rail, token_digest};
+use crate::flows::{self, CURRENCY, Rail, keyed_digest, token_digest};
 use crate::merchant::Merchant;
 use crate::wire;
 
@@ -234,20 +234,47 @@ fn halt_to_admin(h: flows::Halt) -> AdminError {
     }
 }
 
-/// Issues a token without the OTP exchange.
+/// Which token an admin request issues.
+pub(crate) enum IssuedToken {
+    /// A new random one each time: a retry issues another.
+    Random,
+    /// The caller's reference decides it, so a retry gets the same token
+    /// back, and the same reference with another cap is refused.
+    Reference(String),
+    /// A fixture's published token: kept as it is if it exists (a token
+    /// replaced by a regeneration stays replaced).
+    Fixed(String),
+}
+
+/// Issues a token without the OTP exchange. `Ok((true, _))`: issued now.
 pub(crate) async fn create_token(
     rail: &Rail,
     mid: String,
     cell: String,
     cap: Money,
-    token: Option<String>,
-) -> Result<Value, AdminError> {
+    which: IssuedToken,
+) -> Result<(bool, Value), AdminError> {
     check_mid(&mid)?;
     check_cell(&cell)?;
     if !cap.is_positive() {
         return Err(AdminError::bad_request("amount (the cap) must be positive"));
     }
-    let token = token.unwrap_or_else(|| payrail_railkit::ids::random_hex(16));
+    let by_reference = matches!(which, IssuedToken::Reference(_));
+    let token = match which {
+        IssuedToken::Random => payrail_railkit::ids::random_hex(16),
+        IssuedToken::Fixed(t) => t,
+        IssuedToken::Reference(r) => {
+            if !wire::valid_ident(&r, 64) {
+                return Err(AdminError::bad_request(
+                    "reference must be 1 to 64 letters, digits, '_' or '-'",
+                ));
+            }
+            // Keyed, so knowing a reference gives nobody the token; 128 bits
+            // like a random one, and stored only as its digest like any.
+            let digest = keyed_digest(&rail.admin_token_key, [mid.as_str(), &cell, &r]);
+            hex::encode(&digest[..16])
+        }
+    };
     let ttl = rail.settings.token_ttl;
     rail.store
         .write(move |tx| {
@@ -269,9 +296,9 @@ pub(crate) async fn create_token(
                 created_at: now,
                 expires_at: now.plus(ttl),
             };
-            // A fixed token (fixtures) that already exists keeps its state:
-            // a token replaced by a regeneration stays replaced.
-            db::insert_token(tx, &row, false)?;
+            // A token that already exists keeps its state: one replaced by a
+            // regeneration stays replaced.
+            let created = db::insert_token(tx, &row, false)?;
             let stored = db::token(tx, &digest)?
                 .ok_or_else(|| StoreError::Internal("token vanished".into()))?;
             if stored.mid != mid || stored.cell != cell {
@@ -279,14 +306,22 @@ pub(crate) async fn create_token(
                     "that token is bound to another merchant or cell",
                 ));
             }
-            Ok(json!({
-                "token": token,
-                "mid": stored.mid,
-                "cell": stored.cell,
-                "cap": stored.cap.to_string(),
-                "expires_at": stored.expires_at.to_rfc3339(),
-                "active": !stored.replaced && stored.expires_at > now,
-            }))
+            if by_reference && !created && stored.cap != cap {
+                return Err(AdminError::conflict(
+                    "that reference already issued a token with another cap",
+                ));
+            }
+            Ok((
+                created,
+                json!({
+                    "token": token,
+                    "mid": stored.mid,
+                    "cell": stored.cell,
+                    "cap": stored.cap.to_string(),
+                    "expires_at": stored.expires_at.to_rfc3339(),
+                    "active": !stored.replaced && stored.expires_at > now,
+                }),
+            ))
         })
         .await
 }
@@ -467,14 +502,25 @@ struct NewToken {
     cell: String,
     #[serde(deserialize_with = "admin::money")]
     amount: Money,
+    /// Makes the request idempotent: see [`IssuedToken::Reference`].
+    #[serde(default)]
+    reference: Option<String>,
 }
 
 async fn post_token(
     State(rail): Shared,
     AdminJson(req): AdminJson<NewToken>,
 ) -> Result<axum::response::Response, AdminError> {
-    let body = create_token(&rail, req.mid, req.cell, req.amount, None).await?;
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    let which = req
+        .reference
+        .map_or(IssuedToken::Random, IssuedToken::Reference);
+    let (created, body) = create_token(&rail, req.mid, req.cell, req.amount, which).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(body)).into_response())
 }
 
 #[derive(Deserialize)]

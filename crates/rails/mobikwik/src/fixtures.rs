@@ -40,7 +40,7 @@ pub(crate) async fn load(rail: &Rail) -> Result<(), AdminError> {
         MID.into(),
         TOKEN_CELL.into(),
         amount(TOKEN_CAP),
-        Some(TOKEN.into()),
+        admin::IssuedToken::Fixed(TOKEN.into()),
     )
     .await?;
     let percent = Percent::parse(COUPON_PERCENT).expect("a valid literal");

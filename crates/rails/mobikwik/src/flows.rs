@@ -54,6 +54,8 @@ pub struct Rail {
     pub(crate) settings: Settings,
     pub(crate) merchants: MerchantCache,
     pub(crate) otp_key: [u8; 32],
+    /// Derives the tokens the admin API issues for a caller's reference.
+    pub(crate) admin_token_key: [u8; 32],
     pub(crate) system: std::sync::OnceLock<SystemAccounts>,
 }
 
@@ -188,6 +190,17 @@ const WALLET_REFUND: Endpoint = Endpoint {
 const STATUS_SIGNED: &[&str] = signed_fields::STATUS_ANSWER;
 const REFUND_STATUS_SIGNED: &[&str] = signed_fields::REFUND_STATUS_ANSWER;
 
+/// HMAC-SHA256 of the parts, each ended by a NUL so that no two lists of
+/// parts give the same text.
+pub(crate) fn keyed_digest<'a>(key: &[u8], parts: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
+    let mut m = hmac::Hmac::<Sha256>::new_from_slice(key).expect("any key length");
+    for part in parts {
+        m.update(part.as_bytes());
+        m.update(&[0]);
+    }
+    m.finalize().into_bytes().to_vec()
+}
+
 pub(crate) fn token_digest(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
 }
@@ -237,12 +250,7 @@ impl Rail {
     /// for. Six digits are few, so a plain hash would be reversible; the key
     /// (derived from the master key) is not in the database.
     fn otp_digest(&self, mid: &str, cell: &str, otp: &str) -> Vec<u8> {
-        let mut m = hmac::Hmac::<Sha256>::new_from_slice(&self.otp_key).expect("any key length");
-        for part in [mid, cell, otp] {
-            m.update(part.as_bytes());
-            m.update(&[0]);
-        }
-        m.finalize().into_bytes().to_vec()
+        keyed_digest(&self.otp_key, [mid, cell, otp])
     }
 
     /// Logs an internal error (the request's span carries its id) and answers 99.

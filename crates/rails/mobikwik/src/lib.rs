@@ -115,6 +115,7 @@ impl MobikwikRail {
                 settings: cfg.settings(),
                 merchants: merchant::MerchantCache::default(),
                 otp_key: ctx.master_key.derive("mobikwik-otp"),
+                admin_token_key: ctx.master_key.derive("mobikwik-admin-token"),
                 system: std::sync::OnceLock::new(),
             }),
         }
