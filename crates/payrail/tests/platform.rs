@@ -304,6 +304,17 @@ fn a_mistyped_database_url_is_refused_without_its_password() {
     }
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert!(left.is_empty(), "files were created: {left:?}");
+    // Nor does the help text, which shows the environment's values.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_payrail"))
+        .args(["serve", "--help"])
+        .env("PAYRAIL_DB", "postgres://app:S3cret@db/pay")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        help.contains("PAYRAIL_DB") && !help.contains("S3cret"),
+        "{help}"
+    );
 }
 
 #[tokio::test]

@@ -23,7 +23,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PAYRAIL_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
     /// Database URL: sqlite://PATH or postgres://… [default: sqlite://payrail.db]
-    #[arg(long, env = "PAYRAIL_DB", value_name = "URL")]
+    #[arg(long, env = "PAYRAIL_DB", value_name = "URL", hide_env_values = true)]
     pub db: Option<String>,
     /// Sandbox mode: load fixtures, enable the sandbox admin endpoints.
     /// `--sandbox=false` (or `PAYRAIL_SANDBOX=false`) overrides the file.
