@@ -37,7 +37,8 @@ pub trait Workload: Send + Sync + 'static {
     /// different runs apart (orderids must never repeat).
     fn begin(&self) {}
     fn request(&self, conn: usize, n: u64, out: &mut Vec<u8>);
-    fn ok(&self, body: &[u8]) -> bool;
+    /// Is `body` the answer `request` hoped for?
+    fn ok(&self, request: &[u8], body: &[u8]) -> bool;
 }
 
 /// Runs `connections` connections against `addr` for `duration`.
@@ -109,7 +110,7 @@ async fn connection<W: Workload>(addr: SocketAddr, w: &W, conn: usize, deadline:
                 tally
                     .latencies_us
                     .push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-                if !w.ok(&body) {
+                if !w.ok(&req, &body) {
                     tally.not_ok += 1;
                 }
             }
@@ -180,7 +181,7 @@ impl Workload for Healthz {
         out.extend_from_slice(b"\r\n\r\n");
     }
 
-    fn ok(&self, body: &[u8]) -> bool {
+    fn ok(&self, _: &[u8], body: &[u8]) -> bool {
         body == b"ok"
     }
 }

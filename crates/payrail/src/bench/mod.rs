@@ -191,6 +191,8 @@ struct DebitLoad {
     epoch: std::sync::atomic::AtomicU32,
     wallets: Vec<(String, String)>,
     secret: &'static [u8],
+    /// Answers judged so far (picks the ones whose checksum is checked).
+    seen: std::sync::atomic::AtomicU64,
 }
 
 impl DebitLoad {
@@ -242,9 +244,70 @@ impl Workload for DebitLoad {
         let _ = write!(out, "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
     }
 
-    fn ok(&self, body: &[u8]) -> bool {
-        body.windows(16).any(|w| w == b"\"statuscode\":\"0\"")
+    fn ok(&self, request: &[u8], body: &[u8]) -> bool {
+        if !contains(body, b"\"statuscode\":\"0\"") {
+            return false;
+        }
+        // The answer is for this debit: it names the request's orderid.
+        let Some(orderid) = query_value(request, b"orderid=") else {
+            return false;
+        };
+        let mut named = Vec::with_capacity(orderid.len() + 13);
+        named.extend_from_slice(b"\"orderid\":\"");
+        named.extend_from_slice(orderid);
+        named.push(b'"');
+        if !contains(body, &named) {
+            return false;
+        }
+        // One answer in 64 is also checked the way a client checks every
+        // one: its checksum. All of them would cost the load generator CPU
+        // the server needs on a 2-core machine.
+        if self
+            .seen
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(64)
+        {
+            return signed_by(self.secret, body);
+        }
+        true
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The value of `key` (`"name="`) in the request line's query string.
+fn query_value<'a>(request: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let line = request.split(|&b| b == b'\r').next()?;
+    let at = line.windows(key.len()).position(|w| w == key)? + key.len();
+    let rest = &line[at..];
+    let end = rest
+        .iter()
+        .position(|&b| b == b'&' || b == b' ')
+        .unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+/// Does the JSON answer carry the checksum the merchant's secret gives its
+/// other fields (sorted by name, empty ones left out)?
+fn signed_by(secret: &[u8], body: &[u8]) -> bool {
+    let Ok(map) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) else {
+        return false;
+    };
+    let mut provided = None;
+    let mut pairs = Vec::with_capacity(map.len());
+    for (k, v) in &map {
+        let Some(v) = v.as_str() else {
+            return false;
+        };
+        if k == "checksum" {
+            provided = Some(v);
+        } else {
+            pairs.push((k.as_str(), v));
+        }
+    }
+    provided.is_some_and(|p| checksum::verify(secret, checksum::sorted_values(&pairs), p))
 }
 
 fn addr_of(base: &str) -> Result<(SocketAddr, String), String> {
@@ -436,6 +499,7 @@ pub async fn run(args: BenchArgs) -> Result<bool, String> {
         epoch: Default::default(),
         wallets: wallet_list,
         secret: fixtures::SECRET.as_bytes(),
+        seen: Default::default(),
     });
     if let Some(dir) = &args.wrk {
         let threads = args.threads.max(1);
@@ -535,5 +599,64 @@ impl Drop for LoadRuntime {
         if let Some(rt) = self.0.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load() -> DebitLoad {
+        DebitLoad {
+            host: "h".into(),
+            run: 1,
+            epoch: Default::default(),
+            wallets: vec![("7000000000".into(), "ab".repeat(16))],
+            secret: fixtures::SECRET.as_bytes(),
+            seen: Default::default(),
+        }
+    }
+
+    fn answer(secret: &[u8], orderid: &str) -> Vec<u8> {
+        let fields = [
+            ("statuscode", "0"),
+            ("status", "SUCCESS"),
+            ("orderid", orderid),
+            ("debitedamount", "1.00"),
+        ];
+        let sum = checksum::sign_sorted(secret, &fields);
+        let mut map = serde_json::Map::new();
+        for (k, v) in fields.iter().chain([&("checksum", sum.as_str())]) {
+            map.insert((*k).into(), (*v).into());
+        }
+        serde_json::to_vec(&map).unwrap()
+    }
+
+    /// A SUCCESS is counted only for its own debit, and the answers whose
+    /// checksum is checked must carry the merchant's.
+    #[test]
+    fn an_answer_counts_only_for_its_debit_and_with_its_checksum() {
+        let l = load();
+        let mut req = Vec::new();
+        l.request(0, 0, &mut req);
+        let orderid = std::str::from_utf8(query_value(&req, b"orderid=").unwrap()).unwrap();
+        assert!(orderid.starts_with('B') && orderid.len() == 28, "{orderid}");
+        let secret = fixtures::SECRET.as_bytes();
+
+        // The first answer is one whose checksum is checked.
+        assert!(l.ok(&req, &answer(secret, orderid)));
+        let other = load();
+        assert!(!other.ok(&req, &answer(b"another secret", orderid)));
+        assert!(!l.ok(&req, &answer(secret, "B0000000001E01C000N000000009")));
+        let refused = String::from_utf8(answer(secret, orderid))
+            .unwrap()
+            .replace("\"statuscode\":\"0\"", "\"statuscode\":\"304\"");
+        assert!(!l.ok(&req, refused.as_bytes()));
+        // The next 63 are taken on their statuscode and orderid alone.
+        let unchecked = load();
+        unchecked
+            .seen
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(unchecked.ok(&req, &answer(b"another secret", orderid)));
     }
 }
