@@ -614,6 +614,24 @@ mod tests {
     use crate::testkit::TestDb;
     use crate::{MasterKey, Options, Store, StoreError};
 
+    /// One writer connection, so that the units of a test share its batches.
+    fn one_writer(db: &TestDb) -> Options {
+        let mut o = Options::new(
+            db.location.clone(),
+            MasterKey::from_bytes([7; 32]),
+            Arc::new(SystemClock),
+        );
+        o.postgres.writers = 1;
+        o
+    }
+
+    /// Waits until `n` units wait for the writer.
+    async fn queued(store: &Store, n: usize) {
+        while store.queued() < n {
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Holds the writer in a unit of its own until the sender is used, so
     /// that the units queued meanwhile share the next batch.
     async fn hold_writer(
@@ -651,13 +669,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_read_spoils_no_sibling_in_its_batch() {
         let db = TestDb::fresh();
-        let mut o = Options::new(
-            db.location.clone(),
-            MasterKey::from_bytes([7; 32]),
-            Arc::new(SystemClock),
-        );
-        o.postgres.writers = 1;
-        let store = Store::open(o).await.unwrap();
+        let store = Store::open(one_writer(&db)).await.unwrap();
         let (a, b) = store
             .write(|tx| {
                 Ok::<_, LedgerOpError>((
@@ -684,9 +696,7 @@ mod tests {
                     .await
             }
         });
-        while store.queued() < 1 {
-            tokio::task::yield_now().await;
-        }
+        queued(&store, 1).await;
         let failed = tokio::spawn({
             let store = store.clone();
             async move {
@@ -699,9 +709,7 @@ mod tests {
                     .await
             }
         });
-        while store.queued() < 2 {
-            tokio::task::yield_now().await;
-        }
+        queued(&store, 2).await;
         open_tx.send(()).unwrap();
 
         gate.await.unwrap().unwrap();
@@ -722,12 +730,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_clock_move_rolled_back_is_not_seen_by_the_next_unit() {
         let db = TestDb::fresh();
-        let mut o = Options::new(
-            db.location.clone(),
-            MasterKey::from_bytes([7; 32]),
-            Arc::new(SystemClock),
-        );
-        o.postgres.writers = 1;
+        let mut o = one_writer(&db);
         o.sandbox_clock = true;
         let store = Store::open(o).await.unwrap();
         let before = store
@@ -747,16 +750,12 @@ mod tests {
                     .await
             }
         });
-        while store.queued() < 1 {
-            tokio::task::yield_now().await;
-        }
+        queued(&store, 1).await;
         let next = tokio::spawn({
             let store = store.clone();
             async move { store.write(|tx| Ok::<_, StoreError>(tx.now())).await }
         });
-        while store.queued() < 2 {
-            tokio::task::yield_now().await;
-        }
+        queued(&store, 2).await;
         open_tx.send(()).unwrap();
 
         gate.await.unwrap().unwrap();
