@@ -247,6 +247,40 @@ async fn sandbox_endpoints_are_404_outside_sandbox() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }
 
+/// Runs `payrail serve` that must refuse to start, and returns its stderr.
+/// Should it start instead, it is killed and the test fails (rather than
+/// waiting for a server that never exits).
+fn refusal_at_start(mut cmd: std::process::Command, what: &str) -> String {
+    use std::io::{BufRead, Read};
+    let mut child = cmd
+        .env_remove("PAYRAIL_ADMIN_TOKEN")
+        .env_remove("PAYRAIL_SANDBOX")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A server prints its address once listening; a refusal prints nothing
+    // there and exits, which ends stdout.
+    let first = std::io::BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next();
+    if let Some(line) = first {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{what} was accepted: {line:?}");
+    }
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{what}: exited 0\n{stderr}");
+    stderr
+}
+
 /// A zero that would disable a bound (or prune every message at once), and
 /// rail settings that would overflow or let an OTP be guessed, are refused
 /// at start, with the key named.
@@ -263,21 +297,18 @@ fn unsafe_bounds_are_refused_at_start() {
         ("mobikwik", "otp_per_hour", "0"),
     ] {
         std::fs::write(&file, format!("[{section}]\n{key} = {value}\n")).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_payrail"))
-            .args([
-                "serve",
-                "--sandbox",
-                "--listen",
-                "127.0.0.1:0",
-                "--db",
-                &db.url,
-            ])
-            .arg("--config")
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{key} = {value} was accepted");
-        let stderr = String::from_utf8(out.stderr).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_payrail"));
+        cmd.args([
+            "serve",
+            "--sandbox",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &db.url,
+        ])
+        .arg("--config")
+        .arg(&file);
+        let stderr = refusal_at_start(cmd, &format!("{key} = {value}"));
         assert!(stderr.contains(key), "{key}: {stderr}");
     }
 }
@@ -292,13 +323,16 @@ fn a_mistyped_database_url_is_refused_without_its_password() {
         "postgres:/app:S3cret@db/pay",
         "postgress://app:S3cret@db/pay",
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_payrail"))
-            .current_dir(dir.path())
-            .args(["serve", "--sandbox", "--listen", "127.0.0.1:0", "--db", url])
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{url} was accepted");
-        let stderr = String::from_utf8(out.stderr).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_payrail"));
+        cmd.current_dir(dir.path()).args([
+            "serve",
+            "--sandbox",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            url,
+        ]);
+        let stderr = refusal_at_start(cmd, url);
         assert!(stderr.contains("database URL"), "{stderr}");
         assert!(!stderr.contains("S3cret"), "{stderr}");
     }

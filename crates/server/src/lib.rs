@@ -55,9 +55,9 @@ pub async fn build(cfg: &Config) -> Result<App, ServeError> {
             tracing::warn!(
                 "the admin token is the published sandbox one: anyone can move money through the admin API; set PAYRAIL_ADMIN_TOKEN to a long random value"
             );
-        } else if token.len() < 32 {
+        } else if token.chars().count() < 32 {
             tracing::warn!(
-                chars = token.len(),
+                chars = token.chars().count(),
                 "the admin token is short; use at least 32 random characters"
             );
         }

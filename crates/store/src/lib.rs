@@ -149,7 +149,8 @@ impl Location {
         }
         // A mistyped PostgreSQL URL must not become a local SQLite file (with
         // a key beside it) that quietly takes the writes meant for the cluster.
-        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let lower = url.get(..11).unwrap_or(url).to_ascii_lowercase();
+        if lower.starts_with("postgres:") || lower.starts_with("postgresql:") {
             return Err("unsupported database URL: PostgreSQL URLs begin with postgres://".into());
         }
         let path = url
@@ -749,6 +750,8 @@ mod tests {
             "mysql://app:S3cret@db/pay",
             "postgres:/app:S3cret@db/pay",
             "postgresql:app:S3cret@db/pay",
+            "POSTGRES:/app:S3cret@db/pay",
+            "PostgreSQL://app:S3cret@db/pay",
         ] {
             let e = Location::parse(url).expect_err(url);
             assert!(!e.contains("S3cret"), "{e}");

@@ -81,7 +81,11 @@ async fn connection<W: Workload>(addr: SocketAddr, w: &W, conn: usize, deadline:
     let mut n = 0u64;
     while Instant::now() < deadline {
         if stream.is_none() {
-            match TcpStream::connect(addr).await {
+            let connected =
+                tokio::time::timeout_at((deadline + ANSWER_GRACE).into(), TcpStream::connect(addr))
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            match connected {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
                     buf.clear();

@@ -573,10 +573,9 @@ pub async fn run(args: BenchArgs) -> Result<bool, String> {
     drop(load_rt);
     // Every debit of the harness has a fresh orderid, a valid token and the
     // balance to pay: any other answer is a fault, not a result.
-    let clean = result
-        .rows
-        .iter()
-        .all(|r| r.debit.errors == 0 && r.debit.not_ok == 0 && r.healthz.errors == 0);
+    let clean = result.rows.iter().all(|r| {
+        r.debit.errors == 0 && r.debit.not_ok == 0 && r.healthz.errors == 0 && r.healthz.not_ok == 0
+    });
     if !clean {
         eprintln!("payrail bench: some requests failed or were refused (see the table)");
     }

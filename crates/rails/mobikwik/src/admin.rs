@@ -61,8 +61,6 @@ fn merchant_json(m: &Merchant, balance: Option<Money>) -> Value {
     v
 }
 
-/// Registers a merchant. `Ok(true)`: created; `Ok(false)`: it already existed
-/// exactly so.
 /// Every admin path that takes a mid checks it first: no merchant can have
 /// another, and a 404 must not repeat kilobytes of whatever was sent.
 fn check_mid(mid: &str) -> Result<(), AdminError> {
@@ -75,6 +73,8 @@ fn check_mid(mid: &str) -> Result<(), AdminError> {
     }
 }
 
+/// Registers a merchant. `Ok(true)`: created; `Ok(false)`: it already existed
+/// exactly so.
 pub(crate) async fn create_merchant(
     rail: &Rail,
     req: NewMerchant,
