@@ -79,6 +79,9 @@ async fn connection<W: Workload>(addr: SocketAddr, w: &W, conn: usize, deadline:
     let mut req = Vec::with_capacity(1024);
     let mut buf = Vec::with_capacity(16 * 1024);
     let mut n = 0u64;
+    // One error per outage, not per retry: a server down for a second is one
+    // failure of this connection, not a hundred.
+    let mut unreachable = false;
     while Instant::now() < deadline {
         if stream.is_none() {
             let connected =
@@ -90,9 +93,14 @@ async fn connection<W: Workload>(addr: SocketAddr, w: &W, conn: usize, deadline:
                     let _ = s.set_nodelay(true);
                     buf.clear();
                     stream = Some(s);
+                    unreachable = false;
                 }
                 Err(_) => {
-                    tally.errors += 1;
+                    if !std::mem::replace(&mut unreachable, true) {
+                        tally.errors += 1;
+                    }
+                    // Retry pacing while the server is down, not a wait for
+                    // an event: there is none to wait on.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
@@ -221,5 +229,26 @@ pub fn summarize(mut t: Tally, elapsed: Duration) -> Summary {
         max_ms: pct(1.0),
         not_ok: t.not_ok,
         errors: t.errors,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connections to a server that is not there: one error each for the
+    /// outage, however many times they retried during it.
+    #[tokio::test]
+    async fn an_outage_is_one_error_per_connection_not_one_per_retry() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let healthz = std::sync::Arc::new(Healthz {
+            host: addr.to_string(),
+        });
+        let (tally, _) = run(addr, healthz, 3, Duration::from_millis(300)).await;
+        assert_eq!(tally.errors, 3);
+        assert!(tally.latencies_us.is_empty());
     }
 }
