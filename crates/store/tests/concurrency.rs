@@ -30,22 +30,9 @@ async fn accounts(store: &Store, n: usize) -> Vec<AccountId> {
 }
 
 async fn fund(store: &Store, from: AccountId, to: AccountId, minor: i64) {
-    store
-        .write(move |tx| {
-            ledger::transfer(
-                tx,
-                &ledger::single(
-                    "test",
-                    "fund",
-                    from,
-                    to,
-                    Currency::INR,
-                    Money::from_minor(minor),
-                ),
-            )
-        })
+    common::pay(store, "fund", from, to, minor)
         .await
-        .unwrap();
+        .expect("fund");
 }
 
 async fn verify_ok(store: &Store) -> ledger::Verification {

@@ -47,30 +47,6 @@ async fn account(store: &Store, id: AccountId) -> Result<Account, StoreError> {
         .map(|a| a.expect("account exists"))
 }
 
-async fn pay(
-    store: &Store,
-    key: &'static str,
-    a: (AccountId, AccountId),
-    amount: i64,
-) -> Result<(), LedgerOpError> {
-    store
-        .write(move |tx| {
-            ledger::transfer(
-                tx,
-                &ledger::single(
-                    "test",
-                    key,
-                    a.0,
-                    a.1,
-                    Currency::INR,
-                    Money::from_minor(amount),
-                ),
-            )
-            .map(drop)
-        })
-        .await
-}
-
 /// The stored column, as the database has it: SQLite says which type it holds.
 fn stored(t: &common::TestStore, column: &str, id: AccountId) -> String {
     let sql = if t.db.is_postgres() {
@@ -90,7 +66,7 @@ fn stored(t: &common::TestStore, column: &str, id: AccountId) -> String {
 async fn a_checked_debit_past_the_range_is_refused_and_one_that_fits_goes_through() {
     let (t, a) = near_the_edge("debits_posted", 0).await;
 
-    let refused = pay(&t.store, "over", a, 101).await;
+    let refused = common::pay(&t.store, "over", a.0, a.1, 101).await;
     assert!(
         matches!(
             refused,
@@ -108,7 +84,9 @@ async fn a_checked_debit_past_the_range_is_refused_and_one_that_fits_goes_throug
     assert!(key_kept.is_none(), "a refused transfer left its row");
 
     // Exactly up to the edge is still money that fits.
-    pay(&t.store, "to-the-edge", a, 100).await.unwrap();
+    common::pay(&t.store, "to-the-edge", a.0, a.1, 100)
+        .await
+        .unwrap();
     assert_eq!(stored(&t, "debits_posted", a.0), i64::MAX.to_string());
     let from = account(&t.store, a.0).await.unwrap();
     assert_eq!(from.balances.available(), Money::from_minor(-i64::MAX));
@@ -117,13 +95,13 @@ async fn a_checked_debit_past_the_range_is_refused_and_one_that_fits_goes_throug
 #[tokio::test]
 async fn a_credit_past_the_range_never_stores_or_reads_a_wrong_total() {
     let (t, a) = near_the_edge("credits_posted", 1).await;
-    pay(&t.store, "fits", a, 100).await.unwrap();
+    common::pay(&t.store, "fits", a.0, a.1, 100).await.unwrap();
 
     // Credits are applied late, in bulk, where nothing can refuse them one by
     // one: past the edge they fail instead. SQLite fails the batch at its
     // end; PostgreSQL keeps them in delta rows, and every read that sums
     // them fails.
-    let over = pay(&t.store, "over", a, 1).await;
+    let over = common::pay(&t.store, "over", a.0, a.1, 1).await;
     if t.db.is_postgres() {
         over.unwrap();
         let read = account(&t.store, a.1).await;

@@ -51,6 +51,34 @@ pub async fn open() -> TestStore {
     TestStore { store, db }
 }
 
+/// Moves `minor` from `debit` to `credit` (INR) under `key`, in scope "test".
+pub async fn pay(
+    store: &Store,
+    key: &str,
+    debit: payrail_core::AccountId,
+    credit: payrail_core::AccountId,
+    minor: i64,
+) -> Result<(), payrail_store::ledger::LedgerOpError> {
+    use payrail_core::{Currency, Money};
+    let key = key.to_string();
+    store
+        .write(move |tx| {
+            payrail_store::ledger::transfer(
+                tx,
+                &payrail_store::ledger::single(
+                    "test",
+                    key.clone(),
+                    debit,
+                    credit,
+                    Currency::INR,
+                    Money::from_minor(minor),
+                ),
+            )
+            .map(drop)
+        })
+        .await
+}
+
 /// Reserves `minor` from `debit` to `credit` (INR, no timeout) under the key
 /// "hold", and returns the pending transfer.
 pub async fn reserve(
