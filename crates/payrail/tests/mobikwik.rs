@@ -277,9 +277,10 @@ async fn get_and_post_are_the_same_and_xml_on_request() {
     );
 }
 
-/// Every endpoint takes GET and POST; any other method gets 405 with an
-/// Allow header, and a body in the provider's shape (151, unsigned), JSON
-/// or XML as asked. A signed debit sent with PUT moves nothing.
+/// Every endpoint takes GET and POST; any other method, HEAD too, gets 405
+/// with an Allow header, and a body in the provider's shape (151, unsigned),
+/// JSON or XML as asked. A signed debit sent with PUT or HEAD moves nothing,
+/// and leaves its orderid free.
 #[tokio::test]
 async fn other_methods_get_405_in_the_rails_shape() {
     let s = Server::start().await;
@@ -293,7 +294,7 @@ async fn other_methods_get_405_in_the_rails_shape() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(r.headers()["allow"], "GET,HEAD,POST");
+    assert_eq!(r.headers()["allow"], "GET, POST");
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["messagecode"], "504", "{v}");
     assert_eq!(v["status"], "FAILURE", "{v}");
@@ -312,7 +313,55 @@ async fn other_methods_get_405_in_the_rails_shape() {
         body.contains("<status>FAILURE</status><statuscode>151</statuscode>"),
         "{body}"
     );
+    // HEAD would otherwise run the GET handler and drop the answer.
+    for path in ["/debitwallet", "/userbalance", "/otpgenerate"] {
+        let r = s
+            .http
+            .head(s.url(path))
+            .query(&debit.params)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        assert_eq!(r.headers()["allow"], "GET, POST", "{path}");
+    }
     assert_eq!(s.wallet_balance(RICH).await, "10000.00");
+    assert_code(&send(&c, &debit).await, "0");
+    assert_eq!(s.wallet_balance(RICH).await, "9990.00");
+}
+
+/// A value over the parser's bound (512 bytes) is still part of what the
+/// checksum covers: a correctly signed request with one is told 151, signed,
+/// not 80 (which would send its sender after a checksum that is right).
+#[tokio::test]
+async fn an_oversized_value_in_a_signed_request_is_151_not_80() {
+    let s = Server::start().await;
+    let c = s.client();
+    let long = "x".repeat(513);
+    let mut d = Debit::new(RICH, "10", "LONGCMT_0001", TOKEN);
+    d.comment = Some(&long);
+    let r = send(&c, &c.debit_request(&d)).await;
+    assert_code(&r, "151");
+    assert_eq!(r.get("orderid"), "LONGCMT_0001");
+    let long_orderid = "O".repeat(600);
+    let r = send(
+        &c,
+        &c.debit_request(&Debit::new(RICH, "10", &long_orderid, TOKEN)),
+    )
+    .await;
+    assert_code(&r, "151");
+    // Still a checksum mismatch when the long value was not what was signed.
+    let mut tampered = c.debit_request(&d);
+    tampered.set("comment", "y".repeat(513));
+    refused_unsigned(&c, &tampered, "80").await;
+    assert_eq!(s.wallet_balance(RICH).await, "10000.00");
+    // The orderid is still free.
+    let r = send(
+        &c,
+        &c.debit_request(&Debit::new(RICH, "10", "LONGCMT_0001", TOKEN)),
+    )
+    .await;
+    assert_code(&r, "0");
 }
 
 /// Razorpay's OTP-then-debit flow: `/debitwallet` with the OTP instead of a

@@ -24,9 +24,10 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::handler::Handler;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{MethodRouter, get};
 use futures::future::BoxFuture;
 use payrail_railkit::{Rail, RailContext};
 use serde::Deserialize;
@@ -140,14 +141,31 @@ endpoint!(userbalance => balance);
 endpoint!(querywallet => query_wallet);
 endpoint!(createwalletuser => create_wallet_user);
 
-/// Any method but GET, HEAD and POST: 405 in the rail's shape (axum adds
-/// the Allow header).
+/// Any method but GET and POST: 405 in the rail's shape.
+///
+/// HEAD included, although axum would run the GET handler for it: every
+/// endpoint acts on a signed request (a debit moves money), and a HEAD answer
+/// has no body, so the caller would never learn what was done.
 async fn method_not_allowed(RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
-    wire::refusal(
+    let mut answer = wire::refusal(
         StatusCode::METHOD_NOT_ALLOWED,
         query.as_deref(),
         wire::Format::of(&headers),
-    )
+    );
+    // Set here, so axum does not add its own list (which would name HEAD).
+    answer
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+    answer
+}
+
+/// An endpoint: GET and POST take the same parameters; HEAD is refused.
+fn signed<H, T>(handler: H) -> MethodRouter<Arc<flows::Rail>>
+where
+    H: Handler<T, Arc<flows::Rail>>,
+    T: 'static,
+{
+    get(handler.clone()).post(handler).head(method_not_allowed)
 }
 
 impl Rail for MobikwikRail {
@@ -157,21 +175,15 @@ impl Rail for MobikwikRail {
 
     fn routes(&self) -> Router {
         Router::new()
-            .route("/otpgenerate", get(otpgenerate).post(otpgenerate))
-            .route("/tokengenerate", get(tokengenerate).post(tokengenerate))
-            .route(
-                "/tokenregenerate",
-                get(tokenregenerate).post(tokenregenerate),
-            )
-            .route("/debitwallet", get(debitwallet).post(debitwallet))
-            .route("/checkstatus", get(checkstatus).post(checkstatus))
-            .route("/walletrefund", get(walletrefund).post(walletrefund))
-            .route("/userbalance", get(userbalance).post(userbalance))
-            .route("/querywallet", get(querywallet).post(querywallet))
-            .route(
-                "/createwalletuser",
-                get(createwalletuser).post(createwalletuser),
-            )
+            .route("/otpgenerate", signed(otpgenerate))
+            .route("/tokengenerate", signed(tokengenerate))
+            .route("/tokenregenerate", signed(tokenregenerate))
+            .route("/debitwallet", signed(debitwallet))
+            .route("/checkstatus", signed(checkstatus))
+            .route("/walletrefund", signed(walletrefund))
+            .route("/userbalance", signed(userbalance))
+            .route("/querywallet", signed(querywallet))
+            .route("/createwalletuser", signed(createwalletuser))
             .method_not_allowed_fallback(method_not_allowed)
             .with_state(Arc::clone(&self.inner))
     }

@@ -120,9 +120,16 @@ impl Params {
                 p.malformed = Some("too many parameters");
                 break;
             }
-            if v.len() > MAX_VALUE_LEN || k.len() > 64 {
+            // An over-long value is still kept, so that a correctly signed
+            // request verifies and is told 151, not 80 (a checksum that is
+            // right). The request as a whole is bounded by the body and
+            // header limits; no field named in a checksum is that long.
+            if k.len() > 64 {
                 p.malformed = Some("parameter too long");
                 continue;
+            }
+            if v.len() > MAX_VALUE_LEN {
+                p.malformed = Some("parameter too long");
             }
             match p.pairs.iter().find(|(name, _)| *name == k) {
                 // The same name twice with two values: which one was signed?
@@ -194,7 +201,7 @@ impl<S: Send + Sync> FromRequest<S> for WireRequest {
 }
 
 /// The answer to a request that never reached its endpoint: a body over the
-/// size limit or not received in time, or a method other than GET, HEAD and
+/// size limit or not received in time, or a method other than GET and
 /// POST. It is 151 in the rail's own shape, so that a client that reads only
 /// the body still gets a FAILURE it knows, with the HTTP status saying
 /// which. It is unsigned, because nothing was authenticated, and it repeats
