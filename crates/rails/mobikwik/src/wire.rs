@@ -120,10 +120,10 @@ impl Params {
                 p.malformed = Some("too many parameters");
                 break;
             }
-            // An over-long value is still kept, so that a correctly signed
-            // request verifies and is told 151, not 80 (a checksum that is
-            // right). The request as a whole is bounded by the body and
-            // header limits; no field named in a checksum is that long.
+            // A name that long is no field's: dropped. A value over the
+            // bound is kept, though, since it is part of what was signed: a
+            // correctly signed request then verifies and is told 151, not 80.
+            // The request as a whole is bounded by the body and header limits.
             if k.len() > 64 {
                 p.malformed = Some("parameter too long");
                 continue;
