@@ -290,6 +290,7 @@ fn unsafe_bounds_are_refused_at_start() {
     let file = db.dir().join("zero.toml");
     for (section, key, value) in [
         ("limits", "body_timeout_secs", "0"),
+        ("limits", "write_timeout_secs", "0"),
         ("limits", "max_connections", "0"),
         ("store", "outbox_retention_hours", "0"),
         ("mobikwik", "token_ttl_days", "300000000000000"),
@@ -630,6 +631,40 @@ async fn a_stalled_body_is_cut_off() {
             .status()
             .is_success()
     );
+}
+
+/// A client that sends requests and never reads the answers loses its
+/// connection once an answer has waited `write_timeout_secs` for it. With a
+/// cap of one connection, the next client is served only after that.
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let s = start_with_limits("write_timeout_secs = 1\nmax_connections = 1").await;
+    let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(addr).await.unwrap();
+    // Pipelined: far more answer bytes than the two sockets' buffers hold.
+    // Written from a task, since the server stops reading once it is stuck.
+    let writer = tokio::spawn(async move {
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        for _ in 0..4000 {
+            if stalled.write_all(request.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+        stalled // kept open, never read
+    });
+    let status = tokio::time::timeout(
+        Duration::from_secs(25),
+        s.http.get(s.url("/healthz")).send(),
+    )
+    .await
+    .expect("the stalled connection still holds the only slot")
+    .unwrap()
+    .status();
+    assert!(status.is_success());
+    writer.abort();
 }
 
 /// Past the connection cap, a new connection waits until one closes.

@@ -135,6 +135,9 @@ pub struct Limits {
     /// Seconds a request's whole body may take to arrive; slower is 400 and
     /// the connection is closed.
     pub body_timeout_secs: u64,
+    /// Seconds an answer may wait, without a byte taken, for its client to
+    /// read; past that the connection is closed.
+    pub write_timeout_secs: u64,
     /// Open connections at most; more wait to be accepted.
     pub max_connections: usize,
 }
@@ -145,6 +148,7 @@ impl Default for Limits {
             max_body_bytes: 64 * 1024,
             max_header_bytes: 16 * 1024,
             body_timeout_secs: 30,
+            write_timeout_secs: 30,
             max_connections: 10_000,
         }
     }
@@ -214,9 +218,10 @@ impl Config {
         let admin_token = configured_token
             .or_else(|| sandbox.then(|| SANDBOX_ADMIN_TOKEN.to_string()))
             .map(SecretString::from);
-        if file.limits.body_timeout_secs == 0 || file.limits.max_connections == 0 {
+        let l = &file.limits;
+        if l.body_timeout_secs == 0 || l.write_timeout_secs == 0 || l.max_connections == 0 {
             return Err(ConfigError::Invalid(
-                "limits.body_timeout_secs and limits.max_connections must be at least 1".into(),
+                "limits.body_timeout_secs, limits.write_timeout_secs and limits.max_connections must be at least 1".into(),
             ));
         }
         file.mobikwik.validate().map_err(ConfigError::Invalid)?;

@@ -1,7 +1,7 @@
 //! The HTTP/1.1 accept loop. axum's own `serve` cannot bound the request
 //! head, so payrail drives hyper directly: heads over the limit get 431
-//! without being buffered, slow heads and bodies time out, connections are
-//! capped, and shutdown is graceful.
+//! without being buffered, slow heads and bodies time out, so do answers a
+//! client stops reading, connections are capped, and shutdown is graceful.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +21,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio_io_timeout::TimeoutStream;
+
+use crate::config::Limits;
 
 /// How long in-flight requests get to finish once shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -28,22 +31,24 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    max_header_bytes: usize,
-    max_connections: usize,
+    limits: &Limits,
     shutdown: impl Future<Output = ()>,
 ) {
+    let write_timeout = Duration::from_secs(limits.write_timeout_secs);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(max_header_bytes.max(8192))
+        .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(100)
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
     // Each connection holds a slot: past the cap, new ones wait in the
     // listen backlog instead of taking file descriptors the database needs.
     let slots = Arc::new(tokio::sync::Semaphore::new(
-        max_connections.min(tokio::sync::Semaphore::MAX_PERMITS),
+        limits
+            .max_connections
+            .min(tokio::sync::Semaphore::MAX_PERMITS),
     ));
     tokio::pin!(shutdown);
     loop {
@@ -67,8 +72,15 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                // hyper times out a slow head, `guard_body` a slow body;
+                // nothing else would end a connection whose client sends
+                // requests (pipelined, say) and never reads the answers: it
+                // would keep its slot, and the answers, for ever.
+                let mut stream = TimeoutStream::new(stream);
+                stream.set_write_timeout(Some(write_timeout));
                 let service = TowerToHyperService::new(app.clone());
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                let io = TokioIo::new(Box::pin(stream));
+                let conn = graceful.watch(builder.serve_connection(io, service));
                 tokio::spawn(async move {
                     // Client resets and timeouts end up here; nothing to do.
                     let _ = conn.await;

@@ -239,14 +239,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     // One machine-readable line on stdout, for scripts and tests that start
     // the server on port 0.
     println!("payrail listening on http://{addr}");
-    http::serve(
-        listener,
-        app.router,
-        cfg.limits.max_header_bytes,
-        cfg.limits.max_connections,
-        http::shutdown_signal(),
-    )
-    .await;
+    http::serve(listener, app.router, &cfg.limits, http::shutdown_signal()).await;
     app.store.close().await;
     tracing::info!("stopped; all acknowledged work is on disk");
     Ok(())
