@@ -28,10 +28,52 @@ use crate::config::Limits;
 /// How long in-flight requests get to finish once shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The connections the process can hold: `max_connections`, once the
+/// open-file limit is raised to fit them and `reserve` more descriptors (the
+/// database's files, sockets and temporary files), or fewer if the limit
+/// cannot be raised that far.
+///
+/// Many systems start a process with a soft limit of 1,024 and a far higher
+/// hard one. Left there, a thousand clients would exhaust it: accepts would
+/// fail, and so would the database's next file. Raising the soft limit up to
+/// the hard one is what any server may do; below what is wanted, the cap
+/// shrinks instead, so that clients wait in the listen backlog and the
+/// database keeps its descriptors.
+pub fn connection_cap(max_connections: usize, reserve: usize) -> usize {
+    let wanted = max_connections.saturating_add(reserve);
+    let limit = rlimit::increase_nofile_limit(wanted as u64);
+    let cap = cap_within(max_connections, reserve, limit.as_ref().ok().copied());
+    match limit {
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+        Ok(limit) if cap < max_connections => tracing::warn!(
+            limit,
+            max_connections,
+            cap,
+            "the open-file limit is below limits.max_connections plus what the database \
+             needs; connections are capped lower (raise the hard limit, e.g. LimitNOFILE)"
+        ),
+        Ok(_) => {}
+    }
+    cap
+}
+
+/// `max_connections`, or what an open-file `limit` leaves of it after the
+/// `reserve` (at least a few connections, however low the limit).
+fn cap_within(max_connections: usize, reserve: usize, limit: Option<u64>) -> usize {
+    match limit {
+        None => max_connections,
+        Some(limit) => {
+            let room = usize::try_from(limit).unwrap_or(usize::MAX);
+            max_connections.min(room.saturating_sub(reserve).max(16))
+        }
+    }
+}
+
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: &Limits,
+    max_connections: usize,
     shutdown: impl Future<Output = ()>,
 ) {
     let write_timeout = Duration::from_secs(limits.write_timeout_secs);
@@ -46,9 +88,7 @@ pub async fn serve(
     // Each connection holds a slot: past the cap, new ones wait in the
     // listen backlog instead of taking file descriptors the database needs.
     let slots = Arc::new(tokio::sync::Semaphore::new(
-        limits
-            .max_connections
-            .min(tokio::sync::Semaphore::MAX_PERMITS),
+        max_connections.min(tokio::sync::Semaphore::MAX_PERMITS),
     ));
     tokio::pin!(shutdown);
     loop {
@@ -204,4 +244,23 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutdown signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cap_within;
+
+    #[test]
+    fn the_cap_leaves_the_reserve_within_the_open_file_limit() {
+        // A limit that fits everything, or none known: the configured cap.
+        assert_eq!(cap_within(10_000, 160, Some(1_048_576)), 10_000);
+        assert_eq!(cap_within(10_000, 160, Some(10_160)), 10_000);
+        assert_eq!(cap_within(10_000, 160, None), 10_000);
+        // A limit below it: what is left after the reserve.
+        assert_eq!(cap_within(10_000, 160, Some(1_024)), 864);
+        // However low the limit, a few connections.
+        assert_eq!(cap_within(10_000, 160, Some(100)), 16);
+        assert_eq!(cap_within(8, 160, Some(100)), 8);
+        assert_eq!(cap_within(10_000, 160, Some(u64::MAX)), 10_000);
+    }
 }

@@ -239,7 +239,18 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     // One machine-readable line on stdout, for scripts and tests that start
     // the server on port 0.
     println!("payrail listening on http://{addr}");
-    http::serve(listener, app.router, &cfg.limits, http::shutdown_signal()).await;
+    // Beside the clients' sockets: SQLite's three files per connection (or a
+    // PostgreSQL socket), the readers' temporary files, logs, the listener.
+    let reserve = 128 + 4 * (cfg.store.readers + cfg.postgres.writers);
+    let max_connections = http::connection_cap(cfg.limits.max_connections, reserve);
+    http::serve(
+        listener,
+        app.router,
+        &cfg.limits,
+        max_connections,
+        http::shutdown_signal(),
+    )
+    .await;
     app.store.close().await;
     tracing::info!("stopped; all acknowledged work is on disk");
     Ok(())
