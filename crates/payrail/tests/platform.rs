@@ -217,6 +217,43 @@ async fn sent_messages_are_pruned_after_the_retention() {
     }
 }
 
+/// An OTP row is deleted once it is past its life (10 minutes) and the
+/// hourly request count (an hour): the sweep takes it, and not a newer one.
+#[tokio::test]
+async fn otps_nothing_reads_any_more_are_pruned() {
+    let s = Server::start().await;
+    let c = s.client();
+    let cells = || s.db.inner.sql("SELECT cell FROM mbk_otps ORDER BY cell");
+    assert!(
+        c.otp_generate("9910057241", "1")
+            .await
+            .unwrap()
+            .is_success()
+    );
+    let body = json!({ "advance_seconds": 3600 + 1 });
+    assert_eq!(s.admin_post("/sandbox/clock", body).await.0, StatusCode::OK);
+    assert!(
+        c.otp_generate("9311032820", "1")
+            .await
+            .unwrap()
+            .is_success()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = cells();
+        if left.len() == 1 {
+            assert_eq!(left, ["9311032820"], "the newer one was pruned");
+            break;
+        }
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an OTP past its hour is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn sandbox_endpoints_are_404_outside_sandbox() {
     let start = Start {

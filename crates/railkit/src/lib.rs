@@ -39,4 +39,10 @@ pub trait Rail: Send + Sync {
     /// Loads the rail's sandbox fixtures. Must be idempotent: a restart never
     /// duplicates anything.
     fn load_sandbox_fixtures(&self) -> BoxFuture<'_, Result<(), String>>;
+
+    /// Housekeeping, run about once a second by the server: deletes what the
+    /// rail no longer needs. Returns how many rows went.
+    fn sweep(&self) -> BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async { Ok(0) })
+    }
 }

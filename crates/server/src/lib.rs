@@ -35,6 +35,7 @@ pub enum ServeError {
 pub struct App {
     pub router: Router,
     pub store: Store,
+    pub rails: Vec<Arc<dyn Rail>>,
 }
 
 /// Opens the store, builds every rail, loads sandbox fixtures, and assembles
@@ -170,7 +171,11 @@ pub async fn build(cfg: &Config) -> Result<App, ServeError> {
         .layer(DefaultBodyLimit::disable())
         // Outermost, so that every answer carries a request id and is counted.
         .layer(axum::middleware::from_fn(telemetry::observe));
-    Ok(App { router, store })
+    Ok(App {
+        router,
+        store,
+        rails,
+    })
 }
 
 /// 405 for payrail's own endpoints (admin, health, metrics); axum adds the
@@ -194,10 +199,11 @@ async fn readyz(State(store): State<Store>) -> impl IntoResponse {
 }
 
 /// Once a second: voids reservations as they expire, folds accounts' delta
-/// rows into the accounts (PostgreSQL), and prunes sent messages older than
-/// `outbox_retention` (by the store's clock, so the sandbox clock moves it).
-/// Each is its own unit of work, so one failing does not hold up the others.
-fn spawn_sweeper(store: Store, outbox_retention: Duration) {
+/// rows into the accounts (PostgreSQL), prunes sent messages older than
+/// `outbox_retention` (by the store's clock, so the sandbox clock moves it),
+/// and lets each rail sweep its own tables. Each is its own unit of work, so
+/// one failing does not hold up the others.
+fn spawn_sweeper(store: Store, outbox_retention: Duration, rails: Vec<Arc<dyn Rail>>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -215,6 +221,11 @@ fn spawn_sweeper(store: Store, outbox_retention: Duration) {
             };
             if let Err(e) = store.write(prune).await {
                 tracing::warn!(error = ?e, "pruning the outbox failed");
+            }
+            for rail in &rails {
+                if let Err(e) = rail.sweep().await {
+                    tracing::warn!(rail = rail.name(), error = %e, "the rail's sweep failed");
+                }
             }
         }
     });
@@ -234,6 +245,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     spawn_sweeper(
         app.store.clone(),
         Duration::from_secs(u64::from(cfg.store.outbox_retention_hours) * 3600),
+        app.rails.clone(),
     );
     tracing::info!(%addr, sandbox = cfg.sandbox, db = ?cfg.db, "payrail listening");
     // One machine-readable line on stdout, for scripts and tests that start

@@ -34,6 +34,7 @@ pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
     6 "0006_sandbox_mark",
     7 "0007_outbox_by_time",
     8 "0008_one_open_otp",
+    9 "0009_otps_by_time",
 );
 
 pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
@@ -45,6 +46,7 @@ pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
     6 "0006_sandbox_mark",
     7 "0007_outbox_by_time",
     8 "0008_one_open_otp",
+    9 "0009_otps_by_time",
 );
 
 fn digest(sql: &str) -> String {

@@ -28,6 +28,9 @@ pub(crate) const CURRENCY: Currency = Currency::INR;
 pub(crate) const ISSUANCE_ACCOUNT: &str = "mobikwik:issuance";
 pub(crate) const PROMOTIONS_ACCOUNT: &str = "mobikwik:promotions";
 
+/// The window of `otp_per_hour`.
+const OTP_RATE_WINDOW: Duration = Duration::from_secs(3600);
+
 /// The rules' tunables, from `[mobikwik]` in the config file.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -366,6 +369,18 @@ impl Rail {
         Ok(())
     }
 
+    /// Deletes OTPs nothing reads any more: expired, and older than the
+    /// hourly request count looks back.
+    pub async fn sweep(&self) -> Result<u64, StoreError> {
+        let age = self.settings.otp_ttl.max(OTP_RATE_WINDOW);
+        self.store
+            .write(move |tx| {
+                let before = tx.now().minus(age);
+                db::prune_otps(tx, before, 1_000)
+            })
+            .await
+    }
+
     // ------------------------------------------------------------ /otpgenerate
 
     pub async fn otp_generate(&self, p: &Params) -> Reply {
@@ -395,7 +410,7 @@ impl Rail {
         let answer = self
             .write(&head, move |tx| {
                 let now = tx.now();
-                if db::otps_issued_since(tx, &cell, now.minus(Duration::from_secs(3600)))? >= s.otp_per_hour {
+                if db::otps_issued_since(tx, &cell, now.minus(OTP_RATE_WINDOW))? >= s.otp_per_hour {
                     return Ok(too_many.clone());
                 }
                 db::issue_otp(tx, &mid, &cell, &digest, amount, now.plus(s.otp_ttl))?;

@@ -204,4 +204,8 @@ impl Rail for MobikwikRail {
     fn load_sandbox_fixtures(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move { fixtures::load(&self.inner).await.map_err(|e| e.message) })
     }
+
+    fn sweep(&self) -> BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async move { self.inner.sweep().await.map_err(|e| e.to_string()) })
+    }
 }
