@@ -254,6 +254,50 @@ async fn otps_nothing_reads_any_more_are_pruned() {
     }
 }
 
+/// An OTP issued under a longer `otp_ttl` (before a restart with a shorter
+/// one) is pruned by its own expiry, not the new setting: it keeps working
+/// to its end.
+#[tokio::test]
+async fn an_otp_is_kept_to_its_own_expiry_across_a_shorter_ttl() {
+    let db = Db::fresh();
+    let file = db.dir().join("long-otps.toml");
+    std::fs::write(&file, "[mobikwik]\notp_ttl_minutes = 180\n").unwrap();
+    let long = Start {
+        args: vec!["--config".into(), file.display().to_string()],
+        ..Start::default()
+    };
+    let s = Server::start_with(db, long).await;
+    let c = s.client();
+    assert!(
+        c.otp_generate("9910057241", "1")
+            .await
+            .unwrap()
+            .is_success()
+    );
+    let (_, db) = s.terminate().await;
+    let s = Server::start_on(db).await;
+    let c = s.client();
+    assert!(
+        c.otp_generate("9311032820", "1")
+            .await
+            .unwrap()
+            .is_success()
+    );
+    let body = json!({ "advance_seconds": 2 * 3600 });
+    assert_eq!(s.admin_post("/sandbox/clock", body).await.0, StatusCode::OK);
+    // Both are two hours old; only the 10-minute one has expired.
+    let cells = || s.db.inner.sql("SELECT cell FROM mbk_otps ORDER BY cell");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while cells().len() == 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expired OTP is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(cells(), ["9910057241"]);
+}
+
 #[tokio::test]
 async fn sandbox_endpoints_are_404_outside_sandbox() {
     let start = Start {
@@ -318,7 +362,8 @@ fn refusal_at_start(mut cmd: std::process::Command, what: &str) -> String {
     stderr
 }
 
-/// A zero that would disable a bound (or prune every message at once), and
+/// A zero that would disable a bound (or prune every message at once), a
+/// timeout so long its deadline would overflow, and
 /// rail settings that would overflow or let an OTP be guessed, are refused
 /// at start, with the key named.
 #[test]
@@ -328,6 +373,8 @@ fn unsafe_bounds_are_refused_at_start() {
     for (section, key, value) in [
         ("limits", "body_timeout_secs", "0"),
         ("limits", "write_timeout_secs", "0"),
+        ("limits", "write_timeout_secs", "9223372036854775807"),
+        ("limits", "body_timeout_secs", "86401"),
         ("limits", "max_connections", "0"),
         ("store", "outbox_retention_hours", "0"),
         ("mobikwik", "token_ttl_days", "300000000000000"),

@@ -135,8 +135,8 @@ pub struct Limits {
     /// Seconds a request's whole body may take to arrive; slower is 400 and
     /// the connection is closed.
     pub body_timeout_secs: u64,
-    /// Seconds an answer may wait, without a byte taken, for its client to
-    /// read; past that the connection is closed.
+    /// Seconds a write of an answer may stay blocked (the client not reading
+    /// and the socket's buffer full); past that the connection is closed.
     pub write_timeout_secs: u64,
     /// Open connections at most; more wait to be accepted.
     pub max_connections: usize,
@@ -219,9 +219,16 @@ impl Config {
             .or_else(|| sandbox.then(|| SANDBOX_ADMIN_TOKEN.to_string()))
             .map(SecretString::from);
         let l = &file.limits;
-        if l.body_timeout_secs == 0 || l.write_timeout_secs == 0 || l.max_connections == 0 {
+        // A deadline is the clock plus the timeout: past a day it could overflow.
+        let timeouts = 1..=86_400;
+        if !timeouts.contains(&l.body_timeout_secs)
+            || !timeouts.contains(&l.write_timeout_secs)
+            || l.max_connections == 0
+        {
             return Err(ConfigError::Invalid(
-                "limits.body_timeout_secs, limits.write_timeout_secs and limits.max_connections must be at least 1".into(),
+                "limits.body_timeout_secs and limits.write_timeout_secs must be 1 to 86400, \
+                 limits.max_connections at least 1"
+                    .into(),
             ));
         }
         file.mobikwik.validate().map_err(ConfigError::Invalid)?;

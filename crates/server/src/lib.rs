@@ -234,6 +234,11 @@ fn spawn_sweeper(store: Store, outbox_retention: Duration, rails: Vec<Arc<dyn Ra
 /// `payrail serve`: runs until SIGINT/SIGTERM, then drains and flushes.
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let cfg = Config::resolve(&args)?;
+    // Before the store opens its files. Beside the clients' sockets: SQLite's
+    // three files per connection (or a PostgreSQL socket), the readers'
+    // temporary files, logs, the listener.
+    let reserve = 128 + 4 * (cfg.store.readers + cfg.postgres.writers);
+    let max_connections = http::connection_cap(cfg.limits.max_connections, reserve);
     let app = build(&cfg).await?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -251,10 +256,6 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     // One machine-readable line on stdout, for scripts and tests that start
     // the server on port 0.
     println!("payrail listening on http://{addr}");
-    // Beside the clients' sockets: SQLite's three files per connection (or a
-    // PostgreSQL socket), the readers' temporary files, logs, the listener.
-    let reserve = 128 + 4 * (cfg.store.readers + cfg.postgres.writers);
-    let max_connections = http::connection_cap(cfg.limits.max_connections, reserve);
     http::serve(
         listener,
         app.router,

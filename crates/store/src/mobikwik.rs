@@ -315,20 +315,23 @@ pub fn issue_otp(
     }
 }
 
-/// The open OTP for (mid, cell), locked for update.
-/// Deletes up to `limit` OTPs issued before `before`, oldest first; returns
-/// how many. Once expired and past the hourly request count, an OTP row is
-/// read by nothing, and without this the table would only grow. As with the
-/// outbox, a node skips the rows another is already deleting.
+/// Deletes up to `limit` expired OTPs issued before `before`, oldest first;
+/// returns how many. Once expired and past the hourly request count, an OTP
+/// row is read by nothing, and without this the table would only grow. The
+/// row's own expiry is checked too: an OTP issued under a longer `otp_ttl`
+/// (before a restart, or by another node) keeps working to its end. As with
+/// the outbox, a node skips the rows another is already deleting.
 pub fn prune_otps(tx: &mut Tx<'_>, before: Timestamp, limit: i64) -> Result<u64, StoreError> {
+    let now = tx.now().millis();
     tx.execute(
         "DELETE FROM mbk_otps WHERE id IN
-           (SELECT id FROM mbk_otps WHERE created_at < ?1 ORDER BY created_at LIMIT ?2
-            /*FOR UPDATE SKIP LOCKED*/)",
-        &[before.millis().into(), limit.into()],
+           (SELECT id FROM mbk_otps WHERE created_at < ?1 AND expires_at <= ?2
+             ORDER BY created_at LIMIT ?3 /*FOR UPDATE SKIP LOCKED*/)",
+        &[before.millis().into(), now.into(), limit.into()],
     )
 }
 
+/// The open OTP for (mid, cell), locked for update.
 pub fn open_otp(tx: &mut Tx<'_>, mid: &str, cell: &str) -> Result<Option<OtpRow>, StoreError> {
     tx.query_opt(
         "SELECT id, digest, failed_attempts, expires_at, amount FROM mbk_otps
