@@ -159,6 +159,12 @@ async fn sandbox_messages_list_otps_newest_first() {
     assert_eq!(none, json!([]));
 }
 
+/// Asks the sandbox to text `cell` an OTP; it must be sent.
+async fn send_otp(c: &payrail_mobikwik::client::Client, cell: &str) {
+    let r = c.otp_generate(cell, "1").await.unwrap();
+    assert!(r.is_success(), "{r:?}");
+}
+
 /// Sent messages are pruned once older than `store.outbox_retention_hours`
 /// (24) by the store's clock, so moving the sandbox clock ahead lets the
 /// server's once-a-second sweep take them, and only them.
@@ -183,38 +189,18 @@ async fn sent_messages_are_pruned_after_the_retention() {
             .map(|m| m["otp"].as_str().unwrap().to_string())
             .collect::<Vec<_>>()
     };
-    assert!(
-        c.otp_generate("9910057241", "1")
-            .await
-            .unwrap()
-            .is_success()
-    );
+    send_otp(&c, "9910057241").await;
     let first = otps().await;
     advance(23).await;
-    assert!(
-        c.otp_generate("9910057241", "1")
-            .await
-            .unwrap()
-            .is_success()
-    );
+    send_otp(&c, "9910057241").await;
     let both = otps().await;
     assert_eq!(both.len(), 2);
     assert_eq!(both[1], first[0]);
     // The first is now 25 hours old, the second 2.
     advance(2).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = otps().await;
-        if left.len() == 1 {
-            assert_eq!(left[0], both[0], "the newer one was pruned");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a message older than the retention is still there: {left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let pruned = || async { otps().await.len() == 1 };
+    support::wait_until("a message older than the retention is still there", pruned).await;
+    assert_eq!(otps().await, [both[0].clone()], "the newer one was pruned");
 }
 
 /// An OTP row is deleted once it is past its life (10 minutes) and the
@@ -224,34 +210,13 @@ async fn otps_nothing_reads_any_more_are_pruned() {
     let s = Server::start().await;
     let c = s.client();
     let cells = || s.db.inner.sql("SELECT cell FROM mbk_otps ORDER BY cell");
-    assert!(
-        c.otp_generate("9910057241", "1")
-            .await
-            .unwrap()
-            .is_success()
-    );
+    send_otp(&c, "9910057241").await;
     let body = json!({ "advance_seconds": 3600 + 1 });
     assert_eq!(s.admin_post("/sandbox/clock", body).await.0, StatusCode::OK);
-    assert!(
-        c.otp_generate("9311032820", "1")
-            .await
-            .unwrap()
-            .is_success()
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = cells();
-        if left.len() == 1 {
-            assert_eq!(left, ["9311032820"], "the newer one was pruned");
-            break;
-        }
-        assert_eq!(left.len(), 2, "{left:?}");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "an OTP past its hour is still there"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    send_otp(&c, "9311032820").await;
+    let pruned = || async { cells().len() < 2 };
+    support::wait_until("an OTP past its hour is still there", pruned).await;
+    assert_eq!(cells(), ["9311032820"], "the newer one was pruned");
 }
 
 /// An OTP issued under a longer `otp_ttl` (before a restart with a shorter
@@ -268,33 +233,17 @@ async fn an_otp_is_kept_to_its_own_expiry_across_a_shorter_ttl() {
     };
     let s = Server::start_with(db, long).await;
     let c = s.client();
-    assert!(
-        c.otp_generate("9910057241", "1")
-            .await
-            .unwrap()
-            .is_success()
-    );
+    send_otp(&c, "9910057241").await;
     let (_, db) = s.terminate().await;
     let s = Server::start_on(db).await;
     let c = s.client();
-    assert!(
-        c.otp_generate("9311032820", "1")
-            .await
-            .unwrap()
-            .is_success()
-    );
+    send_otp(&c, "9311032820").await;
     let body = json!({ "advance_seconds": 2 * 3600 });
     assert_eq!(s.admin_post("/sandbox/clock", body).await.0, StatusCode::OK);
     // Both are two hours old; only the 10-minute one has expired.
     let cells = || s.db.inner.sql("SELECT cell FROM mbk_otps ORDER BY cell");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while cells().len() == 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the expired OTP is still there"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let pruned = || async { cells().len() < 2 };
+    support::wait_until("the expired OTP is still there", pruned).await;
     assert_eq!(cells(), ["9910057241"]);
 }
 
@@ -1001,12 +950,7 @@ async fn graceful_shutdown_keeps_every_answered_write_and_restart_duplicates_not
 async fn no_secret_reaches_the_log_or_the_database() {
     let s = Server::start().await;
     let c = s.client();
-    assert!(
-        c.otp_generate("9910057241", "1")
-            .await
-            .unwrap()
-            .is_success()
-    );
+    send_otp(&c, "9910057241").await;
     let otp = s.last_otp("9910057241").await;
     let token = c.token_from_otp("9910057241", "100", &otp).await.unwrap();
     assert!(token.is_success(), "{token:?}");

@@ -315,3 +315,18 @@ pub fn sigkill(pid: i32) {
     let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
     assert_eq!(rc, 0, "kill({pid}, SIGKILL) failed");
 }
+
+/// Waits until `done` holds, asking every 50 ms, for the server's background
+/// work (a sweep) to happen; after 20 s the test fails with `what`. The
+/// bound only turns a hang into a failure.
+pub async fn wait_until<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done().await {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
