@@ -237,7 +237,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     // Before the store opens its files. Beside the clients' sockets: SQLite's
     // three files per connection (or a PostgreSQL socket), the readers'
     // temporary files, logs, the listener.
-    let reserve = 128 + 4 * (cfg.store.readers + cfg.postgres.writers);
+    let connections = cfg.store.readers.saturating_add(cfg.postgres.writers);
+    let reserve = connections.saturating_mul(4).saturating_add(128);
     let max_connections = http::connection_cap(cfg.limits.max_connections, reserve);
     let app = build(&cfg).await?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
