@@ -55,7 +55,7 @@ pub async fn require_token(State(auth): State<AdminAuth>, req: Request, next: Ne
 
 /// `GET /ledger/verify`.
 async fn verify(State(store): State<Store>) -> Result<Json<serde_json::Value>, AdminError> {
-    let v = store.read(ledger::verify).await?;
+    let v = store.read_alone(ledger::verify).await?;
     Ok(Json(if v.ok() {
         json!({ "ok": true, "accounts": v.accounts, "transfers": v.transfers })
     } else {

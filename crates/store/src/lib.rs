@@ -12,6 +12,8 @@
 pub mod conn;
 mod durable;
 pub mod ledger;
+#[cfg(test)]
+mod long_read_tests;
 mod migrate;
 pub mod mobikwik;
 pub mod outbox;
@@ -243,6 +245,8 @@ struct Inner {
     sync_thread: Mutex<Option<JoinHandle<()>>>,
     marks: Option<Arc<durable::Watermarks>>,
     read_permits: Arc<Semaphore>,
+    /// One [`Store::read_alone`] at a time.
+    alone_permit: Arc<Semaphore>,
     idle_readers: Mutex<Vec<Box<dyn Conn>>>,
     connect_reader: Connect,
     sealer: Sealer,
@@ -461,6 +465,7 @@ impl Store {
                 sync_thread: Mutex::new(sync_thread),
                 marks,
                 read_permits: Arc::new(Semaphore::new(opts.readers.max(1))),
+                alone_permit: Arc::new(Semaphore::new(1)),
                 idle_readers: Mutex::new(Vec::new()),
                 connect_reader,
                 sealer,
@@ -591,6 +596,52 @@ impl Store {
         result
     }
 
+    /// Runs `f` like [`Store::read`], but on a connection of its own, opened
+    /// for it and closed after, and one such read at a time.
+    ///
+    /// For reads that take time in proportion to the whole ledger (its
+    /// self-check): on a pooled reader, a few of them at once held every
+    /// reader, and wallet reads waited for them (22 s in one run). Callers
+    /// wait here without holding a reader. On PostgreSQL the request
+    /// statement timeout would cancel such a read on a large ledger, so this
+    /// connection has none.
+    pub async fn read_alone<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let permit = Arc::clone(&self.inner.alone_permit)
+            .acquire_owned()
+            .await
+            .map_err(|_| E::from(StoreError::Closed))?;
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(E::from(StoreError::Closed));
+        }
+        let inner = Arc::clone(&self.inner);
+        let result = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut conn = (inner.connect_reader)().map_err(|e| E::from(e.into()))?;
+            if inner.dialect == Dialect::Postgres {
+                conn.batch("SET statement_timeout = 0")
+                    .map_err(|e| E::from(e.into()))?;
+            }
+            conn.batch(inner.begin_read())
+                .map_err(|e| E::from(e.into()))?;
+            inner.read_on(conn, f).1
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(E::from(StoreError::Internal(format!(
+                "read task failed: {e}"
+            ))))
+        });
+        if let Some(marks) = &self.inner.marks {
+            marks.settle_read().await;
+        }
+        result
+    }
+
     /// Is the database reachable?
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.read(|tx| tx.query_one("SELECT 1", &[]).map(|_| ()))
@@ -665,16 +716,12 @@ impl Inner {
         F: FnOnce(&mut Tx<'_>) -> Result<T, E>,
         E: From<StoreError>,
     {
-        // A read-only snapshot.
-        let begin = match self.dialect {
-            Dialect::Sqlite => "BEGIN",
-            Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-        };
+        let begin = self.begin_read();
         // A pooled connection may have died while idle (a database restart);
         // that shows at BEGIN, before anything was read, so a fresh one is
         // tried once.
         let pooled = self.idle_readers.lock().pop();
-        let mut conn = match pooled {
+        let conn = match pooled {
             Some(mut c) => match c.batch(begin) {
                 Ok(()) => c,
                 Err(e) if e.kind == DbErrorKind::Unavailable => {
@@ -690,6 +737,26 @@ impl Inner {
                 c
             }
         };
+        match self.read_on(conn, f) {
+            (Some(conn), result) => {
+                self.idle_readers.lock().push(conn);
+                result
+            }
+            (None, result) => result,
+        }
+    }
+
+    /// Runs `f` in the read transaction `conn` has begun, and ends it. The
+    /// connection comes back unless it could not end its transaction.
+    fn read_on<T, E, F>(
+        &self,
+        mut conn: Box<dyn Conn>,
+        f: F,
+    ) -> (Option<Box<dyn Conn>>, Result<T, E>)
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E>,
+        E: From<StoreError>,
+    {
         let mut broken = false;
         let result = (|| {
             let now = writer::read_now(conn.as_mut(), &*self.clock, self.sandbox_clock)
@@ -702,11 +769,21 @@ impl Inner {
         })();
         let end = if broken { "ROLLBACK" } else { "COMMIT" };
         match conn.batch(end) {
-            Ok(()) => self.idle_readers.lock().push(conn),
+            Ok(()) => (Some(conn), result),
             // A connection that cannot end its transaction is not reused.
-            Err(e) => tracing::warn!(error = %e, "dropping a reader connection"),
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping a reader connection");
+                (None, result)
+            }
         }
-        result
+    }
+
+    /// The statement that begins a read-only snapshot.
+    fn begin_read(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "BEGIN",
+            Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        }
     }
 }
 

@@ -1,0 +1,113 @@
+//! [`Store::read_alone`]: its own connection, one at a time.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use payrail_core::SystemClock;
+
+use crate::testkit::TestDb;
+use crate::{MasterKey, Options, Store, StoreError, ledger};
+
+async fn open(db: &TestDb, readers: usize) -> Store {
+    let mut o = Options::new(
+        db.location.clone(),
+        MasterKey::from_bytes([7; 32]),
+        std::sync::Arc::new(SystemClock),
+    );
+    o.readers = readers;
+    Store::open(o).await.expect("open store")
+}
+
+/// A bound that turns a hang into a failure; the tests never wait it out
+/// when they pass.
+const HANG: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_read_runs_while_every_reader_is_taken() {
+    let db = TestDb::fresh();
+    let store = open(&db, 1).await;
+    let (entered, is_entered) = mpsc::channel::<()>();
+    let (release, released) = mpsc::channel::<()>();
+    let holder = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .read(move |_tx| {
+                    entered.send(()).unwrap();
+                    released.recv().unwrap();
+                    Ok::<_, StoreError>(())
+                })
+                .await
+        }
+    });
+    tokio::task::spawn_blocking(move || is_entered.recv().unwrap())
+        .await
+        .unwrap();
+    let verified = tokio::time::timeout(HANG, store.read_alone(ledger::verify))
+        .await
+        .expect("the self-check waited for the only reader")
+        .unwrap();
+    assert!(verified.ok(), "{:?}", verified.problems);
+    release.send(()).unwrap();
+    holder.await.unwrap().unwrap();
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_reads_run_one_at_a_time() {
+    let db = TestDb::fresh();
+    let store = open(&db, 4).await;
+    let (entered, is_entered) = mpsc::channel::<()>();
+    let (second_ran, saw_second) = mpsc::channel::<()>();
+    let first = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .read_alone(move |_tx| {
+                    entered.send(()).unwrap();
+                    // Had the second read started beside this one, it would
+                    // have said so by now.
+                    let overlapped = saw_second.recv_timeout(Duration::from_millis(500)).is_ok();
+                    Ok::<_, StoreError>(overlapped)
+                })
+                .await
+        }
+    });
+    tokio::task::spawn_blocking(move || is_entered.recv().unwrap())
+        .await
+        .unwrap();
+    let second = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .read_alone(move |_tx| {
+                    let _ = second_ran.send(());
+                    Ok::<_, StoreError>(())
+                })
+                .await
+        }
+    });
+    let (first, second) = tokio::time::timeout(HANG, async { (first.await, second.await) })
+        .await
+        .expect("both long reads finish");
+    second.unwrap().unwrap();
+    assert!(!first.unwrap().unwrap(), "two long reads ran at once");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_long_read_lifts_the_statement_timeout() {
+    let db = TestDb::fresh();
+    if !db.is_postgres() {
+        return; // SQLite has no statement timeout.
+    }
+    let store = open(&db, 2).await;
+    let show = |tx: &mut crate::Tx<'_>| {
+        tx.query_one("SHOW statement_timeout", &[])?
+            .text(0)
+            .map_err(StoreError::from)
+    };
+    assert_eq!(store.read(show).await.unwrap(), "5s");
+    assert_eq!(store.read_alone(show).await.unwrap(), "0");
+    store.close().await;
+}
