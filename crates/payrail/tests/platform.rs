@@ -552,28 +552,17 @@ fn chunked(total: usize, fill: u8) -> Vec<u8> {
     out
 }
 
-/// Sandbox fixtures stay in the database, among them a merchant whose
-/// secret is published: that database is not served outside sandbox mode.
-#[tokio::test]
-async fn a_sandbox_database_is_not_served_outside_sandbox_mode() {
-    let fresh = Server::start_with(
-        Db::fresh(),
-        Start {
-            sandbox: false,
-            admin_token: Some("a-production-token".into()),
-            ..Default::default()
-        },
-    )
-    .await;
-    let (_, db) = fresh.terminate().await;
-    let sandbox = Server::start_on(db).await;
-    let (_, db) = sandbox.terminate().await;
+/// Starts `payrail serve` on `db`, which must refuse to start; its stderr.
+async fn refused_start(db: &support::Db, sandbox: bool) -> String {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_payrail"));
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--db", &db.url])
         .env("PAYRAIL_ADMIN_TOKEN", "a-production-token")
         .env_remove("PAYRAIL_MASTER_KEY")
         .env_remove("PAYRAIL_SANDBOX")
         .kill_on_drop(true);
+    if sandbox {
+        cmd.arg("--sandbox");
+    }
     if db.inner.is_postgres() {
         cmd.env("PAYRAIL_MASTER_KEY", support::TEST_MASTER_KEY);
     }
@@ -583,23 +572,66 @@ async fn a_sandbox_database_is_not_served_outside_sandbox_mode() {
         .unwrap();
     assert!(!out.status.success());
     assert!(out.stdout.is_empty(), "it must not have started listening");
-    let stderr = String::from_utf8(out.stderr).unwrap();
+    String::from_utf8(out.stderr).unwrap()
+}
+
+async fn healthy(server: &Server) -> bool {
+    server
+        .http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .is_success()
+}
+
+fn production() -> Start {
+    Start {
+        sandbox: false,
+        admin_token: Some("a-production-token".into()),
+        ..Default::default()
+    }
+}
+
+/// Sandbox fixtures stay in the database, among them a merchant whose
+/// secret is published: that database is not served outside sandbox mode.
+#[tokio::test]
+async fn a_sandbox_database_is_not_served_outside_sandbox_mode() {
+    let sandbox = Server::start_on(Db::fresh()).await;
+    let (_, db) = sandbox.terminate().await;
+    let stderr = refused_start(&db, false).await;
     assert!(
         stderr.contains("sandbox mode has served this database"),
         "{stderr}"
     );
     // In sandbox mode it still starts.
     let again = Server::start_on(db).await;
+    assert!(healthy(&again).await);
+}
+
+/// The other way round: sandbox mode would write its fixtures into a live
+/// ledger, and show the OTPs in its outbox to the published admin token.
+#[tokio::test]
+async fn a_production_database_is_not_served_in_sandbox_mode() {
+    let live = Server::start_with(Db::fresh(), production()).await;
+    let (_, db) = live.terminate().await;
+    let stderr = refused_start(&db, true).await;
     assert!(
-        again
-            .http
-            .get(again.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .is_success()
+        stderr.contains("a server outside sandbox mode has served this database"),
+        "{stderr}"
     );
+    // Outside sandbox mode it still starts, with no sandbox merchant in it.
+    let again = Server::start_with(db, production()).await;
+    assert!(healthy(&again).await);
+    let merchant = again
+        .http
+        .get(again.url("/admin/v1/mobikwik/merchants/MBK9006"))
+        .bearer_auth("a-production-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(merchant.status(), 404);
 }
 
 /// A server whose limits come from a config file.

@@ -18,6 +18,7 @@ use axum::routing::get;
 use payrail_core::SystemClock;
 use payrail_railkit::admin::AdminError;
 use payrail_railkit::{Rail, RailContext};
+use payrail_store::sandbox::{self, Mode};
 use payrail_store::{Options, Store, Tx, ledger, outbox};
 
 pub use config::{Config, ConfigError, ServeArgs};
@@ -73,32 +74,34 @@ pub async fn build(cfg: &Config) -> Result<App, ServeError> {
         .await
         .map_err(|e| ServeError::Startup(format!("cannot open the database: {e} ({e:?})")))?;
 
-    // Sandbox fixtures stay in the database; outside sandbox mode they
-    // would be a live merchant with a published secret.
-    let sandbox_mark = if cfg.sandbox {
-        store
-            .write(payrail_store::sandbox::mark_used)
-            .await
-            .map(|()| false)
+    // A database serves one mode for good (see `sandbox::claim`).
+    let mode = if cfg.sandbox {
+        Mode::Sandbox
     } else {
-        store.read(payrail_store::sandbox::was_used).await
+        Mode::Production
     };
-    match sandbox_mark {
-        Ok(false) => {}
-        Ok(true) => {
-            store.close().await;
-            return Err(ServeError::Startup(
-                "refusing to start: sandbox mode has served this database, and its fixtures \
-                 (a merchant with a published secret, a token, a coupon) are in it; \
-                 serve it with --sandbox, or use another database"
-                    .into(),
-            ));
-        }
+    let refusal = match store.write(move |tx| sandbox::claim(tx, mode)).await {
+        Ok(None) => None,
+        Ok(Some(Mode::Sandbox)) => Some(
+            "refusing to start: sandbox mode has served this database, and its fixtures \
+             (a merchant with a published secret, a token, a coupon) are in it; \
+             serve it with --sandbox, or use another database",
+        ),
+        Ok(Some(Mode::Production)) => Some(
+            "refusing to start in sandbox mode: a server outside sandbox mode has served \
+             this database; sandbox mode would add its fixtures (a merchant with a \
+             published secret) to its ledger and show its OTPs to the sandbox admin \
+             token; give the sandbox a database of its own",
+        ),
         Err(e) => {
             return Err(ServeError::Startup(format!(
-                "cannot read the database: {e} ({e:?})"
+                "cannot write to the database: {e} ({e:?})"
             )));
         }
+    };
+    if let Some(why) = refusal {
+        store.close().await;
+        return Err(ServeError::Startup(why.into()));
     }
 
     let ctx = RailContext {

@@ -35,6 +35,7 @@ pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
     7 "0007_outbox_by_time",
     8 "0008_one_open_otp",
     9 "0009_otps_by_time",
+    10 "0010_production_mark",
 );
 
 pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
@@ -47,6 +48,7 @@ pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
     7 "0007_outbox_by_time",
     8 "0008_one_open_otp",
     9 "0009_otps_by_time",
+    10 "0010_production_mark",
 );
 
 fn digest(sql: &str) -> String {
@@ -107,4 +109,43 @@ pub(crate) fn run(conn: &mut dyn Conn, set: &[Migration], now_ms: i64) -> Result
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::{Role, SqliteConn};
+
+    /// Migration 0010 marks a database production served before it
+    /// (it has accounts, and sandbox mode never served it), and only those.
+    #[test]
+    fn databases_served_before_the_production_mark_get_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let production = |path: &std::path::Path| {
+            let mut c = SqliteConn::open(path, Role::Writer).unwrap();
+            run(&mut c, SQLITE, 0).unwrap();
+            let rows = c
+                .query("SELECT production FROM sandbox_clock WHERE id = 1", &[])
+                .unwrap();
+            rows[0].int(0).unwrap()
+        };
+        let at_nine = |name: &str, setup: &str| {
+            let path = dir.path().join(name);
+            let mut c = SqliteConn::open(&path, Role::Writer).unwrap();
+            run(&mut c, &SQLITE[..9], 0).unwrap();
+            c.batch(setup).unwrap();
+            path
+        };
+        let account =
+            "INSERT INTO accounts (code, currency, flags, created_at) VALUES ('a', 'INR', 0, 0);";
+        let served = at_nine("served.db", account);
+        let sandbox = at_nine(
+            "sandbox.db",
+            &format!("{account} UPDATE sandbox_clock SET used = 1;"),
+        );
+        let unused = at_nine("unused.db", "SELECT 1;");
+        assert_eq!(production(&served), 1);
+        assert_eq!(production(&sandbox), 0);
+        assert_eq!(production(&unused), 0);
+    }
 }

@@ -15,21 +15,35 @@ pub(crate) fn clock_offset_ms(conn: &mut dyn Conn) -> Result<i64, StoreError> {
     }
 }
 
-/// Records that sandbox mode serves this database; see [`was_used`].
-pub fn mark_used(tx: &mut Tx<'_>) -> Result<(), StoreError> {
-    tx.execute("UPDATE sandbox_clock SET used = 1 WHERE id = 1", &[])?;
-    Ok(())
+/// Which kind of server serves a database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Sandbox,
+    Production,
 }
 
-/// Whether sandbox mode has ever served this database. Its fixtures include
-/// a merchant whose secret is published, so such a database is not one to
-/// serve outside sandbox mode.
-pub fn was_used(tx: &mut Tx<'_>) -> Result<bool, StoreError> {
-    let rows = tx.query("SELECT used FROM sandbox_clock WHERE id = 1", &[])?;
-    Ok(match rows.first() {
-        Some(row) => row.int(0)? != 0,
-        None => false,
-    })
+/// Records that a server in `mode` serves this database, unless one in the
+/// other mode has: then nothing is written and that mode is returned.
+///
+/// A database serves one mode for good. Sandbox fixtures include a merchant
+/// whose secret is published, so production must not serve a database
+/// sandbox mode has; and sandbox mode would put them into a live ledger and
+/// show its OTP messages to the published sandbox admin token.
+pub fn claim(tx: &mut Tx<'_>, mode: Mode) -> Result<Option<Mode>, StoreError> {
+    let row = tx.query_one(
+        "SELECT used, production FROM sandbox_clock WHERE id = 1",
+        &[],
+    )?;
+    let (sandbox, production) = (row.int(0)? != 0, row.int(1)? != 0);
+    match mode {
+        Mode::Sandbox if production => return Ok(Some(Mode::Production)),
+        Mode::Production if sandbox => return Ok(Some(Mode::Sandbox)),
+        Mode::Sandbox => tx.execute("UPDATE sandbox_clock SET used = 1 WHERE id = 1", &[])?,
+        Mode::Production => {
+            tx.execute("UPDATE sandbox_clock SET production = 1 WHERE id = 1", &[])?
+        }
+    };
+    Ok(None)
 }
 
 /// Moves the clock forward by `seconds` (which must not be negative) for every
