@@ -364,6 +364,38 @@ async fn an_oversized_value_in_a_signed_request_is_151_not_80() {
     assert_code(&r, "0");
 }
 
+/// A value that is not UTF-8 reads as U+FFFD, so `%FF` and `%FE` would
+/// verify under one checksum: the request is malformed, 151 after its
+/// checksum, and moves nothing.
+#[tokio::test]
+async fn a_value_that_is_not_utf8_is_151_and_moves_nothing() {
+    let s = Server::start().await;
+    let c = s.client();
+    let mut d = Debit::new(RICH, "10", "NOTUTF8_0001", TOKEN);
+    d.comment = Some("\u{fffd}");
+    let req = c.debit_request(&d);
+    let encoded = req.encoded();
+    assert!(encoded.contains("%EF%BF%BD"), "{encoded}");
+    for raw in ["%FF", "%FE"] {
+        let url = s.url(&format!(
+            "{}?{}",
+            req.path,
+            encoded.replace("%EF%BF%BD", raw)
+        ));
+        let v: serde_json::Value = s.http.get(url).send().await.unwrap().json().await.unwrap();
+        assert_eq!(v["statuscode"], "151", "{raw}: {v}");
+        assert_eq!(v["orderid"], "NOTUTF8_0001", "{v}");
+        assert_ne!(
+            v["checksum"], "",
+            "signed, after the checksum verified: {v}"
+        );
+    }
+    assert_eq!(s.wallet_balance(RICH).await, "10000.00");
+    // The character itself, sent as UTF-8, is a comment like any other.
+    assert_code(&send(&c, &req).await, "0");
+    assert_eq!(s.wallet_balance(RICH).await, "9990.00");
+}
+
 /// Razorpay's OTP-then-debit flow: `/debitwallet` with the OTP instead of a
 /// token. The OTP authorises one debit of at most the amount it was
 /// requested for.

@@ -111,9 +111,21 @@ pub struct Params {
     pub malformed: Option<&'static str>,
 }
 
+/// Whether every name and value decodes to UTF-8. The parser replaces
+/// what does not with U+FFFD, so two different byte strings would read, and
+/// verify, as one value; such a request is malformed. Only looked at when a
+/// U+FFFD shows up, which a client may also have sent as itself.
+fn all_utf8(query: Option<&str>, body: &[u8]) -> bool {
+    let sources = query.map(str::as_bytes).into_iter().chain(Some(body));
+    sources
+        .flat_map(|s| s.split(|b| *b == b'&'))
+        .all(|pair| percent_encoding::percent_decode(pair).decode_utf8().is_ok())
+}
+
 impl Params {
     pub fn from_parts(query: Option<&str>, body: &[u8]) -> Params {
         let mut p = Params::default();
+        let mut utf8_checked = false;
         let sources = query.map(str::as_bytes).into_iter().chain(Some(body));
         for (k, v) in sources.flat_map(form_urlencoded::parse) {
             if p.pairs.len() == MAX_PARAMS {
@@ -130,6 +142,15 @@ impl Params {
             }
             if v.len() > MAX_VALUE_LEN {
                 p.malformed = Some("parameter too long");
+            }
+            if !utf8_checked
+                && (k.contains(char::REPLACEMENT_CHARACTER)
+                    || v.contains(char::REPLACEMENT_CHARACTER))
+            {
+                utf8_checked = true;
+                if !all_utf8(query, body) {
+                    p.malformed = Some("not UTF-8");
+                }
             }
             match p.pairs.iter().find(|(name, _)| *name == k) {
                 // The same name twice with two values: which one was signed?
@@ -561,6 +582,26 @@ mod tests {
         assert_eq!(twice.malformed, Some("parameter given twice"));
         let long = Params::from_parts(Some(&format!("comment={}", "x".repeat(600))), b"");
         assert_eq!(long.malformed, Some("parameter too long"));
+    }
+
+    /// Bytes that are not UTF-8 would otherwise read as U+FFFD, so that
+    /// `%FF` and `%FE` were one value under one checksum.
+    #[test]
+    fn values_that_are_not_utf8_are_malformed() {
+        for (query, body) in [
+            ("comment=%FF", &b""[..]),
+            ("comment=a%C3", b""),
+            ("c%FEomment=a", b""),
+            ("mid=MBK9006", b"comment=\xff"),
+            ("mid=MBK9006", b"comment=%E2%82"),
+        ] {
+            let p = Params::from_parts(Some(query), body);
+            assert_eq!(p.malformed, Some("not UTF-8"), "{query} {body:?}");
+        }
+        // U+FFFD itself, and other characters, sent as UTF-8 are fine.
+        let p = Params::from_parts(Some("comment=%EF%BF%BD&x=%C3%A9"), "y=\u{fffd}€".as_bytes());
+        assert!(p.malformed.is_none(), "{:?}", p.malformed);
+        assert_eq!(p.get("comment"), "\u{fffd}");
     }
 
     #[test]
