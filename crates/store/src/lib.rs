@@ -321,6 +321,12 @@ impl Store {
         match &opts.location {
             Location::Sqlite(path) => {
                 let path = path.clone();
+                sqlite::create_private(&path).map_err(|e| {
+                    StoreError::Internal(format!(
+                        "cannot create the database file {}: {e}",
+                        path.display()
+                    ))
+                })?;
                 {
                     // Set-up commits are synced one by one (synchronous=FULL),
                     // before the pipeline exists.

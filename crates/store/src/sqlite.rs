@@ -26,6 +26,22 @@ pub(crate) struct SqliteConn {
     wal: Option<Arc<WalGauge>>,
 }
 
+/// Creates the database file, readable by its owner only, unless it exists.
+/// SQLite would create it readable by everyone (0644 less the umask), and
+/// it holds cells, e-mail addresses and the ledger; the WAL and shared-memory
+/// files SQLite creates beside it take the database file's permissions.
+pub(crate) fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 impl SqliteConn {
     pub(crate) fn open(path: &Path, role: Role) -> Result<SqliteConn, DbError> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -486,6 +502,29 @@ mod tests {
         };
         assert_eq!(temp_store(Role::Reader), 1, "FILE");
         assert_eq!(temp_store(Role::Writer), 2, "MEMORY");
+    }
+
+    /// The database and the files SQLite makes beside it are the owner's.
+    #[cfg(unix)]
+    #[test]
+    fn a_new_database_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.db");
+        create_private(&path).unwrap();
+        let mut w = SqliteConn::open(&path, Role::Writer).unwrap();
+        w.batch("CREATE TABLE t (id INTEGER PRIMARY KEY); INSERT INTO t VALUES (1);")
+            .unwrap();
+        for name in ["p.db", "p.db-wal", "p.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}: {mode:o}");
+        }
+        // An existing file is left as it is.
+        create_private(&path).unwrap();
+        assert_eq!(w.query("SELECT id FROM t", &[]).unwrap().len(), 1);
     }
 
     /// Given a symbolic link, SQLite writes its WAL beside the file the
