@@ -84,6 +84,20 @@ async fn admin_requires_the_token() {
                 .is_some_and(|m| !m.is_empty())
         );
     }
+    // The scheme's name in any case.
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let r = s
+            .http
+            .get(&url)
+            .header(
+                "authorization",
+                format!("{scheme} {}", support::ADMIN_TOKEN),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{scheme}");
+    }
     // Also for paths that do not exist: nothing is revealed without a token.
     let r = s.http.get(s.url("/admin/v1/nope")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
