@@ -21,10 +21,12 @@ struct Merchant {
     mid: String,
     #[arg(long, default_value = fixtures::MERCHANT_NAME)]
     merchantname: String,
-    /// The merchant's secret [default: the sandbox merchant's].
+    /// The merchant's secret [default: the sandbox merchant's]. Prefer the
+    /// environment variable for a real one: a flag shows in the process list.
     #[arg(long, env = "MOBIKWIK_SECRET", hide_env_values = true)]
     secret: Option<String>,
-    /// Secret for /tokenregenerate, if the merchant has a separate one.
+    /// Secret for /tokenregenerate, if the merchant has a separate one
+    /// (like --secret, better in the environment).
     #[arg(long, env = "MOBIKWIK_REGEN_SECRET", hide_env_values = true)]
     regen_secret: Option<String>,
     /// Sign as an aggregator for this merchant id.
@@ -43,6 +45,7 @@ enum Command {
     /// Print the checksum of values, in order; or, with --endpoint, of
     /// name=value pairs put in that endpoint's signing order.
     Sign {
+        /// The merchant's secret; better in the environment (see above).
         #[arg(long, env = "MOBIKWIK_SECRET", hide_env_values = true)]
         secret: String,
         /// otpgenerate, tokengenerate-otp, tokengenerate-token,
