@@ -45,7 +45,8 @@ enum Command {
     /// Print the checksum of values, in order; or, with --endpoint, of
     /// name=value pairs put in that endpoint's signing order.
     Sign {
-        /// The merchant's secret; better in the environment (see above).
+        /// The merchant's secret; better in the environment, since a flag
+        /// shows in the process list.
         #[arg(long, env = "MOBIKWIK_SECRET", hide_env_values = true)]
         secret: String,
         /// otpgenerate, tokengenerate-otp, tokengenerate-token,
