@@ -277,8 +277,11 @@ impl Writer {
         // from a sibling's lost work (a duplicate order, say): they are run
         // again with the others rather than answered.
         let e = failure.error;
+        // A lock conflict or an outage is the database's weather, and its
+        // units run again (or their callers hear of it); anything else is a
+        // fault to look into.
         match &e {
-            StoreError::Unavailable(_) | StoreError::Closed => {
+            StoreError::Unavailable(_) | StoreError::Closed | StoreError::Busy(_) => {
                 tracing::warn!(error = ?e, units = size, "batch not committed")
             }
             _ => tracing::error!(error = ?e, units = size, "batch not committed"),
