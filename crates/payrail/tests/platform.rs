@@ -648,6 +648,27 @@ async fn a_production_database_is_not_served_in_sandbox_mode() {
     assert_eq!(merchant.status(), 404);
 }
 
+/// Two servers on one SQLite file would each sync only the WAL frames they
+/// wrote, while either's checkpoint moves the other's: the second refuses.
+/// (PostgreSQL is the backend for several nodes.)
+#[tokio::test]
+async fn a_second_server_on_one_sqlite_file_refuses_to_start() {
+    let db = Db::fresh();
+    if db.inner.is_postgres() {
+        return;
+    }
+    let first = Server::start_on(db.clone()).await;
+    let stderr = refused_start(&db, true).await;
+    assert!(
+        stderr.contains("another payrail process has this database open"),
+        "{stderr}"
+    );
+    assert!(healthy(&first).await);
+    let (_, db) = first.terminate().await;
+    let again = Server::start_on(db).await;
+    assert!(healthy(&again).await);
+}
+
 /// A server whose limits come from a config file.
 async fn start_with_limits(limits: &str) -> Server {
     let db = Db::fresh();

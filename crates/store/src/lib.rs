@@ -67,6 +67,9 @@ pub enum StoreError {
     Internal(String),
     #[error("the master key does not match the one this database was sealed with")]
     WrongMasterKey,
+    /// SQLite: another store (in this process or another) has the file open.
+    #[error("another payrail process has this database open")]
+    InUse(PathBuf),
 }
 
 impl From<DbError> for StoreError {
@@ -247,6 +250,8 @@ struct Inner {
     read_permits: Arc<Semaphore>,
     /// One [`Store::read_alone`] at a time.
     alone_permit: Arc<Semaphore>,
+    /// SQLite: held while the store lives (see `sqlite::lock_exclusive`).
+    _lock: Option<std::fs::File>,
     idle_readers: Mutex<Vec<Box<dyn Conn>>>,
     connect_reader: Connect,
     sealer: Sealer,
@@ -321,6 +326,7 @@ impl Store {
         match &opts.location {
             Location::Sqlite(path) => {
                 let path = path.clone();
+                let lock = sqlite::lock_exclusive(&path)?;
                 sqlite::create_private(&path).map_err(|e| {
                     StoreError::Internal(format!(
                         "cannot create the database file {}: {e}",
@@ -364,6 +370,7 @@ impl Store {
                     connect_writer,
                     connect_reader,
                     Some((syncer, marks, sync_thread)),
+                    Some(lock),
                 ))
             }
             Location::Postgres(url) => {
@@ -415,6 +422,7 @@ impl Store {
                     Arc::clone(&connect),
                     connect,
                     None,
+                    None,
                 ))
             }
         }
@@ -427,6 +435,7 @@ impl Store {
         connect_writer: Connect,
         connect_reader: Connect,
         pipeline: Option<(durable::Syncer, Arc<durable::Watermarks>, JoinHandle<()>)>,
+        lock: Option<std::fs::File>,
     ) -> Store {
         let (pipeline, marks, sync_thread) = match pipeline {
             Some((syncer, marks, thread)) => (
@@ -472,6 +481,7 @@ impl Store {
                 marks,
                 read_permits: Arc::new(Semaphore::new(opts.readers.max(1))),
                 alone_permit: Arc::new(Semaphore::new(1)),
+                _lock: lock,
                 idle_readers: Mutex::new(Vec::new()),
                 connect_reader,
                 sealer,

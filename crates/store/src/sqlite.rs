@@ -26,6 +26,38 @@ pub(crate) struct SqliteConn {
     wal: Option<Arc<WalGauge>>,
 }
 
+/// Takes the lock that keeps a database to one store at a time, in any
+/// process; it is released when the returned file is dropped, or the
+/// process ends however it ends.
+///
+/// SQLite itself would let a second process write the same file, but this
+/// store's durability does not survive it: each process syncs only the WAL
+/// frames it wrote, and the other's checkpoint may move them into the
+/// database file (not synced at that point) and restart the WAL over them.
+/// The lock is a file of its own beside the database: a lock on the
+/// database file would go with the first descriptor closed on it, SQLite's
+/// included.
+pub(crate) fn lock_exclusive(path: &Path) -> Result<std::fs::File, crate::StoreError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-lock");
+    let lock_path = PathBuf::from(name);
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(&lock_path).map_err(|e| {
+        crate::StoreError::Internal(format!("cannot open {}: {e}", lock_path.display()))
+    })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(crate::StoreError::InUse(lock_path)),
+        Err(std::fs::TryLockError::Error(e)) => Err(crate::StoreError::Internal(format!(
+            "cannot lock {}: {e}",
+            lock_path.display()
+        ))),
+    }
+}
+
 /// Creates the database file, readable by its owner only, unless it exists.
 /// SQLite would create it readable by everyone (0644 less the umask), and
 /// it holds cells, e-mail addresses and the ledger; the WAL and shared-memory

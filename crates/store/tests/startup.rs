@@ -1,12 +1,13 @@
 //! PostgreSQL: nodes that start at once wait for the one that migrates, for
 //! as long as its migration takes, whatever their request timeouts.
+//! SQLite: one store at a time has the file.
 
 mod common;
 
 use std::time::Duration;
 
 use payrail_store::testkit::TestDb;
-use payrail_store::{Location, MIGRATION_LOCK, Store};
+use payrail_store::{Location, MIGRATION_LOCK, Store, StoreError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_waits_out_another_nodes_migration() {
@@ -68,4 +69,22 @@ async fn a_node_waits_out_another_nodes_migration() {
     let store = opening.await.unwrap();
     assert!(store.is_ok(), "{:?}", store.err());
     store.unwrap().close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_database_has_one_store_at_a_time() {
+    let db = TestDb::sqlite();
+    let clock = common::ManualClock::at(1_700_000_000_000);
+    let first = common::open_at(db.location.clone(), clock.clone()).await;
+    let second = Store::open(common::options(db.location.clone(), clock.clone())).await;
+    assert!(
+        matches!(&second, Err(StoreError::InUse(p)) if p.ends_with("payrail.db-lock")),
+        "{:?}",
+        second.err()
+    );
+    first.close().await;
+    drop(first);
+    let again = common::open_at(db.location.clone(), clock).await;
+    again.ping().await.unwrap();
+    again.close().await;
 }
