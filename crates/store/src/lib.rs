@@ -590,26 +590,8 @@ impl Store {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let permit = Arc::clone(&self.inner.read_permits)
-            .acquire_owned()
+        self.off_runtime(&self.inner.read_permits, move |inner| inner.run_read(f))
             .await
-            .map_err(|_| E::from(StoreError::Closed))?;
-        let inner = Arc::clone(&self.inner);
-        let result = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            inner.run_read(f)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(E::from(StoreError::Internal(format!(
-                "read task failed: {e}"
-            ))))
-        });
-        // Nothing a read saw reaches the caller before it is durable.
-        if let Some(marks) = &self.inner.marks {
-            marks.settle_read().await;
-        }
-        result
     }
 
     /// Runs `f` like [`Store::read`], but on a connection of its own, opened
@@ -627,16 +609,7 @@ impl Store {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let permit = Arc::clone(&self.inner.alone_permit)
-            .acquire_owned()
-            .await
-            .map_err(|_| E::from(StoreError::Closed))?;
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Err(E::from(StoreError::Closed));
-        }
-        let inner = Arc::clone(&self.inner);
-        let result = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+        self.off_runtime(&self.inner.alone_permit, move |inner| {
             let mut conn = (inner.connect_reader)().map_err(|e| E::from(e.into()))?;
             if inner.dialect == Dialect::Postgres {
                 conn.batch("SET statement_timeout = 0")
@@ -647,11 +620,32 @@ impl Store {
             inner.read_on(conn, f).1
         })
         .await
+    }
+
+    /// Runs a read on the blocking pool once `permits` grants one, which it
+    /// holds while it runs; answers once what it could see is durable.
+    async fn off_runtime<T, E, F>(&self, permits: &Arc<Semaphore>, read: F) -> Result<T, E>
+    where
+        F: FnOnce(&Inner) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let permit = Arc::clone(permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| E::from(StoreError::Closed))?;
+        let inner = Arc::clone(&self.inner);
+        let result = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            read(&inner)
+        })
+        .await
         .unwrap_or_else(|e| {
             Err(E::from(StoreError::Internal(format!(
                 "read task failed: {e}"
             ))))
         });
+        // Nothing a read saw reaches the caller before it is durable.
         if let Some(marks) = &self.inner.marks {
             marks.settle_read().await;
         }
