@@ -29,21 +29,26 @@ pub enum Mode {
 /// whose secret is published, so production must not serve a database
 /// sandbox mode has; and sandbox mode would put them into a live ledger and
 /// show its OTP messages to the published sandbox admin token.
+///
+/// One conditional statement both checks and marks: two nodes starting at
+/// once in different modes cannot both read "unclaimed" and go on (on
+/// PostgreSQL the second UPDATE waits for the first, then sees its mark).
 pub fn claim(tx: &mut Tx<'_>, mode: Mode) -> Result<Option<Mode>, StoreError> {
-    let row = tx.query_one(
-        "SELECT used, production FROM sandbox_clock WHERE id = 1",
-        &[],
-    )?;
-    let (sandbox, production) = (row.int(0)? != 0, row.int(1)? != 0);
-    match mode {
-        Mode::Sandbox if production => return Ok(Some(Mode::Production)),
-        Mode::Production if sandbox => return Ok(Some(Mode::Sandbox)),
-        Mode::Sandbox => tx.execute("UPDATE sandbox_clock SET used = 1 WHERE id = 1", &[])?,
-        Mode::Production => {
-            tx.execute("UPDATE sandbox_clock SET production = 1 WHERE id = 1", &[])?
-        }
+    let claimed = match mode {
+        Mode::Sandbox => tx.execute(
+            "UPDATE sandbox_clock SET used = 1 WHERE id = 1 AND production = 0",
+            &[],
+        )?,
+        Mode::Production => tx.execute(
+            "UPDATE sandbox_clock SET production = 1 WHERE id = 1 AND used = 0",
+            &[],
+        )?,
     };
-    Ok(None)
+    Ok(match (claimed, mode) {
+        (0, Mode::Sandbox) => Some(Mode::Production),
+        (0, Mode::Production) => Some(Mode::Sandbox),
+        _ => None,
+    })
 }
 
 /// Moves the clock forward by `seconds` (which must not be negative) for every

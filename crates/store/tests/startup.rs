@@ -6,8 +6,9 @@ mod common;
 
 use std::time::Duration;
 
+use payrail_store::sandbox::{self, Mode};
 use payrail_store::testkit::TestDb;
-use payrail_store::{Location, MIGRATION_LOCK, Store, StoreError};
+use payrail_store::{Location, MIGRATION_LOCK, Store, StoreError, testkit};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_waits_out_another_nodes_migration() {
@@ -87,4 +88,49 @@ async fn a_sqlite_database_has_one_store_at_a_time() {
     let again = common::open_at(db.location.clone(), clock).await;
     again.ping().await.unwrap();
     again.close().await;
+}
+
+/// PostgreSQL: a sandbox node and a production node starting at once on one
+/// database. Both reach their claim while another transaction holds the
+/// row; once it ends, exactly one of them may have the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_in_two_modes_at_once_cannot_both_claim_the_database() {
+    let db = TestDb::fresh();
+    let Location::Postgres(url) = db.location.clone() else {
+        return; // SQLite: one process has the file.
+    };
+    let clock = common::ManualClock::at(1_700_000_000_000);
+    let open = |clock| {
+        let mut o = common::options(db.location.clone(), clock);
+        o.postgres.lock_timeout = Duration::from_secs(30);
+        Store::open(o)
+    };
+    let (a, b) = (
+        open(clock.clone()).await.unwrap(),
+        open(clock).await.unwrap(),
+    );
+    let held = testkit::hold(&url, |tx| {
+        tx.batch_execute("SELECT 1 FROM sandbox_clock WHERE id = 1 FOR UPDATE")
+            .unwrap();
+    })
+    .await;
+    let claim = |store: &Store, mode| {
+        let store = store.clone();
+        tokio::spawn(async move { store.write(move |tx| sandbox::claim(tx, mode)).await })
+    };
+    let (sandboxed, live) = (claim(&a, Mode::Sandbox), claim(&b, Mode::Production));
+    held.commit_once_waited_on(2).await;
+    let outcomes = [
+        sandboxed.await.unwrap().unwrap(),
+        live.await.unwrap().unwrap(),
+    ];
+    assert!(
+        matches!(
+            outcomes,
+            [None, Some(Mode::Sandbox)] | [Some(Mode::Production), None]
+        ),
+        "{outcomes:?}"
+    );
+    a.close().await;
+    b.close().await;
 }
