@@ -250,8 +250,9 @@ struct Inner {
     read_permits: Arc<Semaphore>,
     /// One [`Store::read_alone`] at a time.
     alone_permit: Arc<Semaphore>,
-    /// SQLite: held while the store lives (see `sqlite::lock_exclusive`).
-    _lock: Option<std::fs::File>,
+    /// SQLite: held while the store lives, and by the checkpointer until its
+    /// last checkpoint (see `sqlite::lock_database`).
+    _lock: Option<Arc<std::fs::File>>,
     idle_readers: Mutex<Vec<Box<dyn Conn>>>,
     connect_reader: Connect,
     sealer: Sealer,
@@ -314,6 +315,9 @@ where
 /// failed without knowing.
 const OUTCOME_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The statement timeout of a [`Store::read_alone`] on PostgreSQL.
+const LONG_READ_TIMEOUT: &str = "SET LOCAL statement_timeout = '1h'";
+
 impl Store {
     /// Opens (creating and migrating if needed) the store at `opts.location`.
     pub async fn open(opts: Options) -> Result<Store, StoreError> {
@@ -326,13 +330,7 @@ impl Store {
         match &opts.location {
             Location::Sqlite(path) => {
                 let path = path.clone();
-                let lock = sqlite::lock_exclusive(&path)?;
-                sqlite::create_private(&path).map_err(|e| {
-                    StoreError::Internal(format!(
-                        "cannot create the database file {}: {e}",
-                        path.display()
-                    ))
-                })?;
+                let lock = Arc::new(sqlite::lock_database(&path)?);
                 {
                     // Set-up commits are synced one by one (synchronous=FULL),
                     // before the pipeline exists.
@@ -344,6 +342,7 @@ impl Store {
                     &path,
                     sqlite::CHECKPOINT_FRAMES,
                     sqlite::WAL_BOUND_FRAMES,
+                    Some(Arc::clone(&lock)),
                 )?);
                 let writer_conn = checkpointer.open_writer(&path)?;
                 let marks = durable::Watermarks::new();
@@ -435,7 +434,7 @@ impl Store {
         connect_writer: Connect,
         connect_reader: Connect,
         pipeline: Option<(durable::Syncer, Arc<durable::Watermarks>, JoinHandle<()>)>,
-        lock: Option<std::fs::File>,
+        lock: Option<Arc<std::fs::File>>,
     ) -> Store {
         let (pipeline, marks, sync_thread) = match pipeline {
             Some((syncer, marks, thread)) => (
@@ -602,7 +601,7 @@ impl Store {
     /// reader, and wallet reads waited for them (22 s in one run). Callers
     /// wait here without holding a reader. On PostgreSQL the request
     /// statement timeout would cancel such a read on a large ledger, so this
-    /// connection has none.
+    /// one has a longer one (an hour).
     pub async fn read_alone<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
@@ -611,12 +610,14 @@ impl Store {
     {
         self.off_runtime(&self.inner.alone_permit, move |inner| {
             let mut conn = (inner.connect_reader)().map_err(|e| E::from(e.into()))?;
-            if inner.dialect == Dialect::Postgres {
-                conn.batch("SET statement_timeout = 0")
-                    .map_err(|e| E::from(e.into()))?;
-            }
             conn.batch(inner.begin_read())
                 .map_err(|e| E::from(e.into()))?;
+            if inner.dialect == Dialect::Postgres {
+                // For this transaction only, and still bounded: its snapshot
+                // holds back VACUUM while it runs.
+                conn.batch(LONG_READ_TIMEOUT)
+                    .map_err(|e| E::from(e.into()))?;
+            }
             inner.read_on(conn, f).1
         })
         .await

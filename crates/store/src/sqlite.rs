@@ -27,51 +27,57 @@ pub(crate) struct SqliteConn {
 }
 
 /// Takes the lock that keeps a database to one store at a time, in any
-/// process; it is released when the returned file is dropped, or the
-/// process ends however it ends.
+/// process, first creating the database file (readable by its owner only)
+/// if there is none. The lock is released when the returned file is
+/// dropped, or the process ends however it ends.
 ///
 /// SQLite itself would let a second process write the same file, but this
 /// store's durability does not survive it: each process syncs only the WAL
 /// frames it wrote, and the other's checkpoint may move them into the
 /// database file (not synced at that point) and restart the WAL over them.
-/// The lock is a file of its own beside the database: a lock on the
-/// database file would go with the first descriptor closed on it, SQLite's
-/// included.
-pub(crate) fn lock_exclusive(path: &Path) -> Result<std::fs::File, crate::StoreError> {
-    let mut name = path.as_os_str().to_owned();
+///
+/// The lock is a file of its own, `-lock` beside the database's real path
+/// (symbolic links followed, as SQLite follows them to name its WAL), so
+/// two names for one database share it. A lock on the database file itself
+/// could not be used: opening the file at all, even to lock it, and closing
+/// it drops every POSIX lock this process's SQLite connections hold on it.
+/// For the same reason an existing database file is never opened here.
+pub(crate) fn lock_database(path: &Path) -> Result<std::fs::File, crate::StoreError> {
+    let fail = |what: &str, p: &Path, e: std::io::Error| {
+        crate::StoreError::Internal(format!("cannot {what} {}: {e}", p.display()))
+    };
+    if !path.exists() {
+        create_private(path).map_err(|e| fail("create", path, e))?;
+    }
+    let real = std::fs::canonicalize(path).map_err(|e| fail("resolve", path, e))?;
+    let mut name = real.into_os_string();
     name.push("-lock");
     let lock_path = PathBuf::from(name);
     let mut options = std::fs::OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let file = options.open(&lock_path).map_err(|e| {
-        crate::StoreError::Internal(format!("cannot open {}: {e}", lock_path.display()))
-    })?;
+    let file = options
+        .open(&lock_path)
+        .map_err(|e| fail("open", &lock_path, e))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(crate::StoreError::InUse(lock_path)),
-        Err(std::fs::TryLockError::Error(e)) => Err(crate::StoreError::Internal(format!(
-            "cannot lock {}: {e}",
-            lock_path.display()
-        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(fail("lock", &lock_path, e)),
     }
 }
 
-/// Creates the database file, readable by its owner only, unless it exists.
-/// SQLite would create it readable by everyone (0644 less the umask), and
-/// it holds cells, e-mail addresses and the ledger; the WAL and shared-memory
-/// files SQLite creates beside it take the database file's permissions.
-pub(crate) fn create_private(path: &Path) -> std::io::Result<()> {
+/// Creates the database file, readable by its owner only (through a
+/// symbolic link, its target). SQLite would create it readable by everyone
+/// (0644 less the umask), and it holds cells, e-mail addresses and the
+/// ledger; the WAL and shared-memory files SQLite creates beside it take the
+/// database file's permissions. An existing file keeps its own.
+fn create_private(path: &Path) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
+    options.write(true).create(true).truncate(false);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    match options.open(path) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
-    }
+    options.open(path).map(drop)
 }
 
 impl SqliteConn {
@@ -367,7 +373,15 @@ impl WalGauge {
 impl Checkpointer {
     /// The thread runs until the `Checkpointer` and every writer connection
     /// it adopted are gone (they hold its only senders).
-    pub(crate) fn start(path: &Path, threshold: i32, bound: i32) -> Result<Checkpointer, DbError> {
+    ///
+    /// `lock` (see [`lock_database`]) is held until the thread's last
+    /// checkpoint is done, which may be after the store that took it is gone.
+    pub(crate) fn start(
+        path: &Path,
+        threshold: i32,
+        bound: i32,
+        lock: Option<Arc<std::fs::File>>,
+    ) -> Result<Checkpointer, DbError> {
         let conn = SqliteConn::open(path, Role::Checkpointer)?;
         let (kick, rx) = flume::bounded::<()>(1);
         let gauge = Arc::new(WalGauge {
@@ -413,6 +427,7 @@ impl Checkpointer {
                     }
                 }
                 let _ = checkpoint(&conn.conn);
+                drop(lock);
             })
             .map_err(|e| DbError::other(format!("cannot start the checkpointer: {e}")))?;
         Ok(Checkpointer {
@@ -543,20 +558,43 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.db");
-        create_private(&path).unwrap();
+        let _lock = lock_database(&path).unwrap();
         let mut w = SqliteConn::open(&path, Role::Writer).unwrap();
         w.batch("CREATE TABLE t (id INTEGER PRIMARY KEY); INSERT INTO t VALUES (1);")
             .unwrap();
-        for name in ["p.db", "p.db-wal", "p.db-shm"] {
+        for name in ["p.db", "p.db-wal", "p.db-shm", "p.db-lock"] {
             let mode = std::fs::metadata(dir.path().join(name))
                 .unwrap()
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "{name}: {mode:o}");
         }
-        // An existing file is left as it is.
-        create_private(&path).unwrap();
-        assert_eq!(w.query("SELECT id FROM t", &[]).unwrap().len(), 1);
+    }
+
+    /// One lock per database, whatever name it is opened by; a symbolic
+    /// link's target is created privately too.
+    #[cfg(unix)]
+    #[test]
+    fn a_database_is_locked_under_its_real_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        let real = dir.path().join("data/real.db");
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let held = lock_database(&link).unwrap();
+        let mode = std::fs::metadata(&real).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        for name in [&real, &link, &dir.path().join("data/../link.db")] {
+            match lock_database(name) {
+                Err(crate::StoreError::InUse(p)) => {
+                    assert!(p.ends_with("data/real.db-lock"), "{}", p.display())
+                }
+                other => panic!("{}: {other:?}", name.display()),
+            }
+        }
+        drop(held);
+        lock_database(&real).unwrap();
     }
 
     /// Given a symbolic link, SQLite writes its WAL beside the file the
@@ -601,7 +639,7 @@ mod tests {
     #[test]
     fn every_writer_connection_starts_checkpoints_and_syncs_the_wal_header() {
         let (_dir, path) = table_t();
-        let checkpointer = Checkpointer::start(&path, 1, i32::MAX).unwrap();
+        let checkpointer = Checkpointer::start(&path, 1, i32::MAX, None).unwrap();
         let first = checkpointer.open_writer(&path).unwrap();
         drop(first); // as the writer does when the database reports an error
         let mut second = checkpointer.open_writer(&path).unwrap();
@@ -627,7 +665,7 @@ mod tests {
     #[test]
     fn the_wal_stays_within_its_bound_when_the_checkpointer_falls_behind() {
         let (dir, path) = table_t();
-        let checkpointer = Checkpointer::start(&path, i32::MAX, BOUND).unwrap();
+        let checkpointer = Checkpointer::start(&path, i32::MAX, BOUND, None).unwrap();
         let mut writer = checkpointer.open_writer(&path).unwrap();
         let wal = dir.path().join("t.db-wal");
         let mut largest = 0;
@@ -648,7 +686,7 @@ mod tests {
     #[test]
     fn at_the_bound_the_writer_waits_for_readers_to_leave_the_wal() {
         let (dir, path) = table_t();
-        let checkpointer = Checkpointer::start(&path, i32::MAX, BOUND).unwrap();
+        let checkpointer = Checkpointer::start(&path, i32::MAX, BOUND, None).unwrap();
         let mut writer = checkpointer.open_writer(&path).unwrap();
         commit_a_page(&mut writer);
         // A reader whose snapshot is in the WAL, held until told.
