@@ -66,7 +66,10 @@ impl AdminError {
 impl From<StoreError> for AdminError {
     fn from(e: StoreError) -> AdminError {
         match e {
-            StoreError::Unavailable(_) | StoreError::Closed | StoreError::Busy(_) => {
+            StoreError::Unavailable(_)
+            | StoreError::Closed
+            | StoreError::Busy(_)
+            | StoreError::Overloaded => {
                 tracing::warn!(error = ?e, "store unavailable");
                 AdminError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

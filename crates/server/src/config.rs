@@ -69,6 +69,9 @@ pub struct StoreConfig {
     pub readers: usize,
     /// Hours a sent message (an OTP's SMS) is kept before it is pruned.
     pub outbox_retention_hours: u32,
+    /// Milliseconds a request's work may wait for the writer or a reader
+    /// before it is refused, having done nothing.
+    pub max_wait_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -77,6 +80,7 @@ impl Default for StoreConfig {
             max_batch: 1024,
             readers: 8,
             outbox_retention_hours: 24,
+            max_wait_ms: payrail_store::DEFAULT_MAX_WAIT.as_millis() as u64,
         }
     }
 }
@@ -235,6 +239,11 @@ impl Config {
         if file.store.outbox_retention_hours == 0 {
             return Err(ConfigError::Invalid(
                 "store.outbox_retention_hours must be at least 1".into(),
+            ));
+        }
+        if !(1..=3_600_000).contains(&file.store.max_wait_ms) {
+            return Err(ConfigError::Invalid(
+                "store.max_wait_ms must be 1 to 3600000".into(),
             ));
         }
         let master_key = match env("PAYRAIL_MASTER_KEY").or(file.master_key) {

@@ -69,6 +69,7 @@ pub async fn build(cfg: &Config) -> Result<App, ServeError> {
     opts.sandbox_clock = cfg.sandbox;
     opts.max_batch = cfg.store.max_batch;
     opts.readers = cfg.store.readers;
+    opts.max_wait = Duration::from_millis(cfg.store.max_wait_ms);
     opts.postgres = cfg.postgres.tuning();
     let store = Store::open(opts)
         .await

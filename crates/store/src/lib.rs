@@ -63,6 +63,11 @@ pub enum StoreError {
     Constraint(DbError),
     #[error("store closed")]
     Closed,
+    /// Nothing was written: the work waited longer than
+    /// [`Options::max_wait`] for a writer or a reader, so it was refused
+    /// rather than done after its caller had likely given up.
+    #[error("store overloaded")]
+    Overloaded,
     #[error("internal store error")]
     Internal(String),
     #[error("the master key does not match the one this database was sealed with")]
@@ -215,6 +220,9 @@ pub struct Options {
     pub queue_capacity: usize,
     /// Reader connections.
     pub readers: usize,
+    /// Longest a unit of work waits for a writer to start it, or a read for
+    /// a reader, before it is refused with [`StoreError::Overloaded`].
+    pub max_wait: std::time::Duration,
     pub postgres: PgTuning,
 }
 
@@ -228,6 +236,7 @@ impl Options {
             max_batch: 1024,
             queue_capacity: 65_536,
             readers: 8,
+            max_wait: DEFAULT_MAX_WAIT,
             postgres: PgTuning::default(),
         }
     }
@@ -248,6 +257,8 @@ struct Inner {
     sync_thread: Mutex<Option<JoinHandle<()>>>,
     marks: Option<Arc<durable::Watermarks>>,
     read_permits: Arc<Semaphore>,
+    /// See [`Options::max_wait`].
+    max_wait: std::time::Duration,
     /// One [`Store::read_alone`] at a time.
     alone_permit: Arc<Semaphore>,
     /// SQLite: held while the store lives, and by the checkpointer until its
@@ -271,6 +282,11 @@ struct ClosureJob<F, T, E> {
     /// units before it in that batch) is measured.
     queued: std::time::Instant,
     ran: bool,
+    /// See [`Options::max_wait`].
+    max_wait: std::time::Duration,
+    /// Refused at its first run for waiting too long. Kept, so that if its
+    /// batch runs again the unit is refused again rather than done.
+    expired: bool,
 }
 
 impl<F, T, E> Job for ClosureJob<F, T, E>
@@ -281,8 +297,20 @@ where
 {
     fn run(&mut self, tx: &mut Tx<'_>) -> Outcome {
         if !std::mem::replace(&mut self.ran, true) {
-            metrics::histogram!("payrail_group_commit_queue_seconds")
-                .record(self.queued.elapsed().as_secs_f64());
+            let waited = self.queued.elapsed();
+            metrics::histogram!("payrail_group_commit_queue_seconds").record(waited.as_secs_f64());
+            // Decided here, by the writer, and not by the caller timing out
+            // its wait: only the writer knows the unit has not run, so a unit
+            // refused this way has certainly moved nothing.
+            if waited > self.max_wait {
+                self.expired = true;
+                metrics::counter!("payrail_store_overloaded_total", "wait" => "writer")
+                    .increment(1);
+            }
+        }
+        if self.expired {
+            self.result = Some(Err(E::from(StoreError::Overloaded)));
+            return Outcome::Rollback;
         }
         self.result = None;
         let r = (self.f)(tx);
@@ -307,6 +335,13 @@ where
         let _ = self.reply.send(answer);
     }
 }
+
+/// Longer than the stalls payrail itself can cause (the SQLite WAL bound
+/// waits about 10 s for readers, a PostgreSQL statement times out in 5 s), so
+/// those delay work rather than refuse it; shorter than the 30 s a client
+/// commonly waits, so that work is refused rather than done after its caller
+/// has given up and cannot learn the answer.
+pub const DEFAULT_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// How long a writer keeps trying to learn whether a COMMIT whose answer was
 /// lost took effect, while that batch's callers wait. The outcome is known
@@ -479,6 +514,7 @@ impl Store {
                 sync_thread: Mutex::new(sync_thread),
                 marks,
                 read_permits: Arc::new(Semaphore::new(opts.readers.max(1))),
+                max_wait: opts.max_wait,
                 alone_permit: Arc::new(Semaphore::new(1)),
                 _lock: lock,
                 idle_readers: Mutex::new(Vec::new()),
@@ -568,6 +604,8 @@ impl Store {
             reply,
             queued: std::time::Instant::now(),
             ran: false,
+            max_wait: self.inner.max_wait,
+            expired: false,
         });
         if self.inner.queues[queue]
             .send_async(Msg::Job(job))
@@ -589,8 +627,12 @@ impl Store {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        self.off_runtime(&self.inner.read_permits, move |inner| inner.run_read(f))
-            .await
+        self.off_runtime(
+            &self.inner.read_permits,
+            Some(self.inner.max_wait),
+            move |inner| inner.run_read(f),
+        )
+        .await
     }
 
     /// Runs `f` like [`Store::read`], but on a connection of its own, opened
@@ -608,7 +650,8 @@ impl Store {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        self.off_runtime(&self.inner.alone_permit, move |inner| {
+        // No wait bound: these are rare, admin-only, and expected to take long.
+        self.off_runtime(&self.inner.alone_permit, None, move |inner| {
             let mut conn = (inner.connect_reader)().map_err(|e| E::from(e.into()))?;
             conn.batch(inner.begin_read())
                 .map_err(|e| E::from(e.into()))?;
@@ -624,17 +667,29 @@ impl Store {
     }
 
     /// Runs a read on the blocking pool once `permits` grants one, which it
-    /// holds while it runs; answers once what it could see is durable.
-    async fn off_runtime<T, E, F>(&self, permits: &Arc<Semaphore>, read: F) -> Result<T, E>
+    /// holds while it runs; answers once what it could see is durable. Past
+    /// `max_wait` for a permit the read is refused, having run nothing.
+    async fn off_runtime<T, E, F>(
+        &self,
+        permits: &Arc<Semaphore>,
+        max_wait: Option<std::time::Duration>,
+        read: F,
+    ) -> Result<T, E>
     where
         F: FnOnce(&Inner) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let permit = Arc::clone(permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| E::from(StoreError::Closed))?;
+        let acquire = Arc::clone(permits).acquire_owned();
+        let acquired = match max_wait {
+            Some(d) => tokio::time::timeout(d, acquire).await.map_err(|_| {
+                metrics::counter!("payrail_store_overloaded_total", "wait" => "reader")
+                    .increment(1);
+                E::from(StoreError::Overloaded)
+            })?,
+            None => acquire.await,
+        };
+        let permit = acquired.map_err(|_| E::from(StoreError::Closed))?;
         let inner = Arc::clone(&self.inner);
         let result = tokio::task::spawn_blocking(move || {
             let _permit = permit;

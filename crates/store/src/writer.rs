@@ -609,7 +609,9 @@ pub(crate) fn read_now(
 
 #[cfg(all(test, feature = "testkit"))]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex, mpsc};
+    use std::time::Duration;
 
     use payrail_core::{AccountFlags, Currency, Money, SystemClock};
 
@@ -773,6 +775,124 @@ mod tests {
             "the next unit ran a day ahead: {before:?} then {seen:?}"
         );
         assert!(later.millis() - before.millis() < 3_600_000, "{later:?}");
+        store.close().await;
+    }
+
+    /// A unit that waited past `max_wait` for the writer is refused without
+    /// running, and stays refused when its batch runs again because another
+    /// unit failed after writing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_unit_that_waited_too_long_is_refused_having_moved_nothing() {
+        let db = TestDb::fresh();
+        let mut o = one_writer(&db);
+        o.max_wait = Duration::from_millis(300);
+        let store = Store::open(o).await.unwrap();
+        let (a, b) = store
+            .write(|tx| {
+                let a = ledger::open_account(tx, "a", Currency::INR, AccountFlags::NONE)?;
+                let b = ledger::open_account(tx, "b", Currency::INR, AccountFlags::NONE)?;
+                Ok::<_, LedgerOpError>((a, b))
+            })
+            .await
+            .unwrap();
+
+        let (gate, open_tx) = hold_writer(&store).await;
+        let ran = Arc::new(AtomicBool::new(false));
+        let late = tokio::spawn({
+            let (store, ran) = (store.clone(), Arc::clone(&ran));
+            async move {
+                store
+                    .write(move |tx| {
+                        ran.store(true, Ordering::SeqCst);
+                        let t =
+                            ledger::single("t", "late", a, b, Currency::INR, Money::from_minor(5));
+                        ledger::transfer(tx, &t)
+                    })
+                    .await
+            }
+        });
+        queued(&store, 1).await;
+        // What is tested is a wait longer than max_wait, so time must pass.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Queued now, so well within max_wait when the batch runs: it writes,
+        // then fails, and the batch runs again with savepoints.
+        let spoiler = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(|tx| {
+                        ledger::open_account(tx, "c", Currency::INR, AccountFlags::NONE)?;
+                        Err::<(), _>(LedgerOpError::Store(StoreError::Internal("fails".into())))
+                    })
+                    .await
+            }
+        });
+        queued(&store, 2).await;
+        open_tx.send(()).unwrap();
+
+        gate.await.unwrap().unwrap();
+        let late = late.await.unwrap();
+        assert!(
+            matches!(late, Err(LedgerOpError::Store(StoreError::Overloaded))),
+            "{late:?}"
+        );
+        assert!(!ran.load(Ordering::SeqCst), "the late unit ran");
+        let spoiler = spoiler.await.unwrap();
+        assert!(
+            matches!(spoiler, Err(LedgerOpError::Store(StoreError::Internal(_)))),
+            "{spoiler:?}"
+        );
+        let moved = store
+            .read(|tx| ledger::transfer_by_key(tx, "t", "late"))
+            .await
+            .unwrap();
+        assert!(moved.is_none(), "a refused unit moved money: {moved:?}");
+        // The writer goes on: the same transfer asked again is done.
+        store
+            .write(move |tx| {
+                let t = ledger::single("t", "late", a, b, Currency::INR, Money::from_minor(5));
+                ledger::transfer(tx, &t)
+            })
+            .await
+            .unwrap();
+        store.close().await;
+    }
+
+    /// A read that waited past `max_wait` for a reader is refused; reads go
+    /// on once a reader is free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_that_waits_too_long_for_a_reader_is_refused() {
+        let db = TestDb::fresh();
+        let mut o = one_writer(&db);
+        o.readers = 1;
+        o.max_wait = Duration::from_millis(100);
+        let store = Store::open(o).await.unwrap();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let (open_tx, open_rx) = mpsc::channel::<()>();
+        let held = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .read(move |_tx| {
+                        let _ = started_tx.send(());
+                        let _ = open_rx.recv();
+                        Ok::<_, StoreError>(())
+                    })
+                    .await
+            }
+        });
+        tokio::task::spawn_blocking(move || started_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let refused = store.ping().await;
+        assert!(
+            matches!(refused, Err(StoreError::Overloaded)),
+            "{refused:?}"
+        );
+        open_tx.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        store.ping().await.unwrap();
         store.close().await;
     }
 }

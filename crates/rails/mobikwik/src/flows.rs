@@ -259,7 +259,10 @@ impl Rail {
     /// Logs an internal error (the request's span carries its id) and answers 99.
     fn unexpected(e: &StoreError, head: Head<'_>) -> Answer {
         match e {
-            StoreError::Unavailable(_) | StoreError::Closed | StoreError::Busy(_) => {
+            StoreError::Unavailable(_)
+            | StoreError::Closed
+            | StoreError::Busy(_)
+            | StoreError::Overloaded => {
                 tracing::warn!(error = ?e, "store unavailable")
             }
             _ => tracing::error!(error = ?e, "request failed"),
