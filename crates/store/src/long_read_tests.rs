@@ -1,4 +1,5 @@
-//! [`Store::read_alone`]: its own connection, one at a time.
+//! The reader pool's edges: [`Store::read_alone`] (its own connection, one
+//! at a time) and the bound on waiting for a pooled reader.
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -8,24 +9,27 @@ use payrail_core::SystemClock;
 use crate::testkit::TestDb;
 use crate::{MasterKey, Options, Store, StoreError, ledger};
 
-async fn open(db: &TestDb, readers: usize) -> Store {
+fn options(db: &TestDb, readers: usize) -> Options {
     let mut o = Options::new(
         db.location.clone(),
         MasterKey::from_bytes([7; 32]),
         std::sync::Arc::new(SystemClock),
     );
     o.readers = readers;
-    Store::open(o).await.expect("open store")
+    o
 }
 
-/// A bound that turns a hang into a failure; the tests never wait it out
-/// when they pass.
-const HANG: Duration = Duration::from_secs(30);
+async fn open(db: &TestDb, readers: usize) -> Store {
+    Store::open(options(db, readers)).await.expect("open store")
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_read_runs_while_every_reader_is_taken() {
-    let db = TestDb::fresh();
-    let store = open(&db, 1).await;
+/// Holds a pooled reader in a read of its own until the sender is used.
+async fn hold_reader(
+    store: &Store,
+) -> (
+    tokio::task::JoinHandle<Result<(), StoreError>>,
+    mpsc::Sender<()>,
+) {
     let (entered, is_entered) = mpsc::channel::<()>();
     let (release, released) = mpsc::channel::<()>();
     let holder = tokio::spawn({
@@ -43,6 +47,18 @@ async fn a_long_read_runs_while_every_reader_is_taken() {
     tokio::task::spawn_blocking(move || is_entered.recv().unwrap())
         .await
         .unwrap();
+    (holder, release)
+}
+
+/// A bound that turns a hang into a failure; the tests never wait it out
+/// when they pass.
+const HANG: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_read_runs_while_every_reader_is_taken() {
+    let db = TestDb::fresh();
+    let store = open(&db, 1).await;
+    let (holder, release) = hold_reader(&store).await;
     let verified = tokio::time::timeout(HANG, store.read_alone(ledger::verify))
         .await
         .expect("the self-check waited for the only reader")
@@ -50,6 +66,26 @@ async fn a_long_read_runs_while_every_reader_is_taken() {
     assert!(verified.ok(), "{:?}", verified.problems);
     release.send(()).unwrap();
     holder.await.unwrap().unwrap();
+    store.close().await;
+}
+
+/// A read that waited past `max_wait` for a reader is refused, having run
+/// nothing; reads go on once a reader is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_waits_too_long_for_a_reader_is_refused() {
+    let db = TestDb::fresh();
+    let mut o = options(&db, 1);
+    o.max_wait = Duration::from_millis(100);
+    let store = Store::open(o).await.expect("open store");
+    let (holder, release) = hold_reader(&store).await;
+    let refused = store.ping().await;
+    assert!(
+        matches!(refused, Err(StoreError::Overloaded)),
+        "{refused:?}"
+    );
+    release.send(()).unwrap();
+    holder.await.unwrap().unwrap();
+    store.ping().await.unwrap();
     store.close().await;
 }
 

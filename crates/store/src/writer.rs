@@ -857,44 +857,6 @@ mod tests {
             .unwrap();
         store.close().await;
     }
-
-    /// A read that waited past `max_wait` for a reader is refused; reads go
-    /// on once a reader is free.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_read_that_waits_too_long_for_a_reader_is_refused() {
-        let db = TestDb::fresh();
-        let mut o = one_writer(&db);
-        o.readers = 1;
-        o.max_wait = Duration::from_millis(100);
-        let store = Store::open(o).await.unwrap();
-        let (started_tx, started_rx) = mpsc::channel::<()>();
-        let (open_tx, open_rx) = mpsc::channel::<()>();
-        let held = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .read(move |_tx| {
-                        let _ = started_tx.send(());
-                        let _ = open_rx.recv();
-                        Ok::<_, StoreError>(())
-                    })
-                    .await
-            }
-        });
-        tokio::task::spawn_blocking(move || started_rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        let refused = store.ping().await;
-        assert!(
-            matches!(refused, Err(StoreError::Overloaded)),
-            "{refused:?}"
-        );
-        open_tx.send(()).unwrap();
-        held.await.unwrap().unwrap();
-        store.ping().await.unwrap();
-        store.close().await;
-    }
 }
 
 /// The writer against a scripted PostgreSQL connection, for what a real
