@@ -340,7 +340,7 @@ fn unsafe_bounds_are_refused_at_start() {
         ("limits", "body_timeout_secs", "86401"),
         ("limits", "max_connections", "0"),
         ("store", "outbox_retention_hours", "0"),
-        ("store", "max_wait_ms", "0"),
+        ("store", "max_wait_ms", "99"),
         ("store", "max_wait_ms", "3600001"),
         ("mobikwik", "token_ttl_days", "300000000000000"),
         ("mobikwik", "otp_max_failures", "1000000"),

@@ -241,9 +241,10 @@ impl Config {
                 "store.outbox_retention_hours must be at least 1".into(),
             ));
         }
-        if !(1..=3_600_000).contains(&file.store.max_wait_ms) {
+        // Below a few batches' time, ordinary work would be refused.
+        if !(100..=3_600_000).contains(&file.store.max_wait_ms) {
             return Err(ConfigError::Invalid(
-                "store.max_wait_ms must be 1 to 3600000".into(),
+                "store.max_wait_ms must be 100 to 3600000".into(),
             ));
         }
         let master_key = match env("PAYRAIL_MASTER_KEY").or(file.master_key) {

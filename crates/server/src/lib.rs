@@ -81,7 +81,10 @@ pub async fn build(cfg: &Config) -> Result<App, ServeError> {
     } else {
         Mode::Production
     };
-    let refusal = match store.write(move |tx| sandbox::claim(tx, mode)).await {
+    let refusal = match store
+        .write_unbounded(move |tx| sandbox::claim(tx, mode))
+        .await
+    {
         Ok(None) => None,
         Ok(Some(Mode::Sandbox)) => Some(
             "refusing to start: sandbox mode has served this database, and its fixtures \
@@ -213,17 +216,23 @@ fn spawn_sweeper(store: Store, outbox_retention: Duration, rails: Vec<Arc<dyn Ra
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = store.write(|tx| ledger::expire_due(tx, 1_000)).await {
+            if let Err(e) = store
+                .write_unbounded(|tx| ledger::expire_due(tx, 1_000))
+                .await
+            {
                 tracing::warn!(error = ?e, "expiry sweep failed");
             }
-            if let Err(e) = store.write(|tx| ledger::fold_deltas(tx, 1_000)).await {
+            if let Err(e) = store
+                .write_unbounded(|tx| ledger::fold_deltas(tx, 1_000))
+                .await
+            {
                 tracing::warn!(error = ?e, "folding account deltas failed");
             }
             let prune = move |tx: &mut Tx<'_>| {
                 let before = tx.now().minus(outbox_retention);
                 outbox::prune(tx, before, 1_000)
             };
-            if let Err(e) = store.write(prune).await {
+            if let Err(e) = store.write_unbounded(prune).await {
                 tracing::warn!(error = ?e, "pruning the outbox failed");
             }
             for rail in &rails {

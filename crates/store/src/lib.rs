@@ -337,10 +337,10 @@ where
 }
 
 /// Longer than the stalls payrail itself can cause (the SQLite WAL bound
-/// waits about 10 s for readers, a PostgreSQL statement times out in 5 s), so
-/// those delay work rather than refuse it; shorter than the 30 s a client
-/// commonly waits, so that work is refused rather than done after its caller
-/// has given up and cannot learn the answer.
+/// waits about 10 s for readers, a PostgreSQL statement times out in 5 s by
+/// default), so those delay work rather than refuse it; shorter than the 30 s
+/// a client commonly waits, so that work is refused rather than done after
+/// its caller has given up and cannot learn the answer.
 pub const DEFAULT_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// How long a writer keeps trying to learn whether a COMMIT whose answer was
@@ -554,7 +554,23 @@ impl Store {
         E: From<StoreError> + Send + 'static,
     {
         let n = self.inner.next_queue.fetch_add(1, Ordering::Relaxed);
-        self.submit(n % self.inner.queues.len(), f).await
+        self.submit(n % self.inner.queues.len(), self.inner.max_wait, f)
+            .await
+    }
+
+    /// [`Store::write`] without the bound on waiting for a writer
+    /// ([`Options::max_wait`]), for the server's own work (sweeps, start-up):
+    /// no client waits for it, and done late is better than not done, since
+    /// an expired reservation keeps its money held until it runs.
+    pub async fn write_unbounded<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnMut(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let n = self.inner.next_queue.fetch_add(1, Ordering::Relaxed);
+        self.submit(n % self.inner.queues.len(), std::time::Duration::MAX, f)
+            .await
     }
 
     /// [`Store::write`], for a unit whose locks are named by `key` (a wallet,
@@ -579,7 +595,7 @@ impl Store {
             });
             (h % self.inner.queues.len() as u64) as usize
         };
-        self.submit(queue, f).await
+        self.submit(queue, self.inner.max_wait, f).await
     }
 
     /// Units waiting in the first writer's queue.
@@ -588,7 +604,12 @@ impl Store {
         self.inner.queues[0].len()
     }
 
-    async fn submit<T, E, F>(&self, queue: usize, f: F) -> Result<T, E>
+    async fn submit<T, E, F>(
+        &self,
+        queue: usize,
+        max_wait: std::time::Duration,
+        f: F,
+    ) -> Result<T, E>
     where
         F: FnMut(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
@@ -604,7 +625,7 @@ impl Store {
             reply,
             queued: std::time::Instant::now(),
             ran: false,
-            max_wait: self.inner.max_wait,
+            max_wait,
             expired: false,
         });
         if self.inner.queues[queue]

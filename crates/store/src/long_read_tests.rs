@@ -78,7 +78,9 @@ async fn a_read_that_waits_too_long_for_a_reader_is_refused() {
     o.max_wait = Duration::from_millis(100);
     let store = Store::open(o).await.expect("open store");
     let (holder, release) = hold_reader(&store).await;
-    let refused = store.ping().await;
+    let refused = tokio::time::timeout(HANG, store.ping())
+        .await
+        .expect("the read waited for the held reader without a bound");
     assert!(
         matches!(refused, Err(StoreError::Overloaded)),
         "{refused:?}"

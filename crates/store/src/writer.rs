@@ -609,11 +609,11 @@ pub(crate) fn read_now(
 
 #[cfg(all(test, feature = "testkit"))]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex, mpsc};
     use std::time::Duration;
 
-    use payrail_core::{AccountFlags, Currency, Money, SystemClock};
+    use payrail_core::{AccountFlags, AccountId, Currency, Money, SystemClock, TransferRequest};
 
     use crate::ledger::{self, LedgerOpError};
     use crate::testkit::TestDb;
@@ -780,21 +780,14 @@ mod tests {
 
     /// A unit that waited past `max_wait` for the writer is refused without
     /// running, and stays refused when its batch runs again because another
-    /// unit failed after writing.
+    /// unit failed after writing. `write_unbounded` work waits it out.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_unit_that_waited_too_long_is_refused_having_moved_nothing() {
         let db = TestDb::fresh();
         let mut o = one_writer(&db);
-        o.max_wait = Duration::from_millis(300);
+        o.max_wait = Duration::from_millis(500);
         let store = Store::open(o).await.unwrap();
-        let (a, b) = store
-            .write(|tx| {
-                let a = ledger::open_account(tx, "a", Currency::INR, AccountFlags::NONE)?;
-                let b = ledger::open_account(tx, "b", Currency::INR, AccountFlags::NONE)?;
-                Ok::<_, LedgerOpError>((a, b))
-            })
-            .await
-            .unwrap();
+        let (a, b) = two_accounts(&store).await;
 
         let (gate, open_tx) = hold_writer(&store).await;
         let ran = Arc::new(AtomicBool::new(false));
@@ -804,30 +797,28 @@ mod tests {
                 store
                     .write(move |tx| {
                         ran.store(true, Ordering::SeqCst);
-                        let t =
-                            ledger::single("t", "late", a, b, Currency::INR, Money::from_minor(5));
-                        ledger::transfer(tx, &t)
+                        ledger::transfer(tx, &pay(a, b, "late"))
                     })
                     .await
             }
         });
         queued(&store, 1).await;
-        // What is tested is a wait longer than max_wait, so time must pass.
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        // Queued now, so well within max_wait when the batch runs: it writes,
-        // then fails, and the batch runs again with savepoints.
-        let spoiler = tokio::spawn({
+        // The server's own work waits as long, and is done.
+        let housekeeping = tokio::spawn({
             let store = store.clone();
             async move {
                 store
-                    .write(|tx| {
-                        ledger::open_account(tx, "c", Currency::INR, AccountFlags::NONE)?;
-                        Err::<(), _>(LedgerOpError::Store(StoreError::Internal("fails".into())))
-                    })
+                    .write_unbounded(move |tx| ledger::transfer(tx, &pay(a, b, "sweep")))
                     .await
             }
         });
         queued(&store, 2).await;
+        // What is tested is a wait longer than max_wait, so time must pass.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        // Queued now, so well within max_wait when the batch runs: it writes,
+        // then fails, and the batch runs again with savepoints.
+        let (spoiler, spoiler_runs) = write_then_fail(&store, None);
+        queued(&store, 3).await;
         open_tx.send(()).unwrap();
 
         gate.await.unwrap().unwrap();
@@ -842,20 +833,104 @@ mod tests {
             matches!(spoiler, Err(LedgerOpError::Store(StoreError::Internal(_)))),
             "{spoiler:?}"
         );
+        assert!(
+            spoiler_runs.load(Ordering::SeqCst) >= 2,
+            "the batch did not run again"
+        );
         let moved = store
             .read(|tx| ledger::transfer_by_key(tx, "t", "late"))
             .await
             .unwrap();
         assert!(moved.is_none(), "a refused unit moved money: {moved:?}");
+        let swept = housekeeping.await.unwrap();
+        assert!(swept.is_ok(), "{swept:?}");
         // The writer goes on: the same transfer asked again is done.
         store
-            .write(move |tx| {
-                let t = ledger::single("t", "late", a, b, Currency::INR, Money::from_minor(5));
-                ledger::transfer(tx, &t)
-            })
+            .write(move |tx| ledger::transfer(tx, &pay(a, b, "late")))
             .await
             .unwrap();
         store.close().await;
+    }
+
+    /// A unit that started within `max_wait` is finished, even when its
+    /// batch runs again after `max_wait` has passed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_unit_started_in_time_is_finished_however_long_its_batch_takes() {
+        let db = TestDb::fresh();
+        let mut o = one_writer(&db);
+        o.max_wait = Duration::from_millis(500);
+        let store = Store::open(o).await.unwrap();
+        let (a, b) = two_accounts(&store).await;
+
+        let (gate, open_tx) = hold_writer(&store).await;
+        let paid = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |tx| ledger::transfer(tx, &pay(a, b, "paid")))
+                    .await
+            }
+        });
+        queued(&store, 1).await;
+        // After `paid` in the batch: takes longer than max_wait, then fails
+        // after writing, so `paid` runs again past max_wait.
+        let (spoiler, spoiler_runs) = write_then_fail(&store, Some(Duration::from_millis(1_000)));
+        queued(&store, 2).await;
+        open_tx.send(()).unwrap();
+
+        gate.await.unwrap().unwrap();
+        let paid = paid.await.unwrap();
+        assert!(paid.is_ok(), "{paid:?}");
+        assert!(spoiler.await.unwrap().is_err());
+        assert!(
+            spoiler_runs.load(Ordering::SeqCst) >= 2,
+            "the batch did not run again"
+        );
+        let kept = store
+            .read(|tx| ledger::transfer_by_key(tx, "t", "paid"))
+            .await
+            .unwrap();
+        assert!(kept.is_some(), "a unit told it succeeded was not kept");
+        store.close().await;
+    }
+
+    async fn two_accounts(store: &Store) -> (AccountId, AccountId) {
+        store
+            .write(|tx| {
+                let a = ledger::open_account(tx, "a", Currency::INR, AccountFlags::NONE)?;
+                let b = ledger::open_account(tx, "b", Currency::INR, AccountFlags::NONE)?;
+                Ok::<_, LedgerOpError>((a, b))
+            })
+            .await
+            .unwrap()
+    }
+
+    fn pay(a: AccountId, b: AccountId, key: &str) -> TransferRequest {
+        ledger::single("t", key, a, b, Currency::INR, Money::from_minor(5))
+    }
+
+    type Spawned = tokio::task::JoinHandle<Result<(), LedgerOpError>>;
+
+    /// Queues a unit that writes, then (on its first run only) takes `slow`,
+    /// then fails: its batch must run again with savepoints. Counts its runs.
+    fn write_then_fail(store: &Store, slow: Option<Duration>) -> (Spawned, Arc<AtomicUsize>) {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let unit = tokio::spawn({
+            let (store, runs) = (store.clone(), Arc::clone(&runs));
+            async move {
+                store
+                    .write(move |tx| {
+                        let first = runs.fetch_add(1, Ordering::SeqCst) == 0;
+                        ledger::open_account(tx, "c", Currency::INR, AccountFlags::NONE)?;
+                        if let Some(d) = slow.filter(|_| first) {
+                            std::thread::sleep(d); // the time under test
+                        }
+                        Err::<(), _>(LedgerOpError::Store(StoreError::Internal("fails".into())))
+                    })
+                    .await
+            }
+        });
+        (unit, runs)
     }
 }
 

@@ -224,7 +224,7 @@ impl Rail {
     pub(crate) async fn prepare(&self) -> Result<(), StoreError> {
         let accounts = self
             .store
-            .write(|tx| {
+            .write_unbounded(|tx| {
                 Ok::<_, LedgerOpError>(SystemAccounts {
                     issuance: ledger::open_account(
                         tx,
@@ -377,7 +377,7 @@ impl Rail {
     pub async fn sweep(&self) -> Result<u64, StoreError> {
         let age = self.settings.otp_ttl.max(OTP_RATE_WINDOW);
         self.store
-            .write(move |tx| {
+            .write_unbounded(move |tx| {
                 let before = tx.now().minus(age);
                 db::prune_otps(tx, before, 1_000)
             })
