@@ -553,9 +553,7 @@ impl Store {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let n = self.inner.next_queue.fetch_add(1, Ordering::Relaxed);
-        self.submit(n % self.inner.queues.len(), self.inner.max_wait, f)
-            .await
+        self.submit(self.next_queue(), self.inner.max_wait, f).await
     }
 
     /// [`Store::write`] without the bound on waiting for a writer
@@ -568,8 +566,7 @@ impl Store {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let n = self.inner.next_queue.fetch_add(1, Ordering::Relaxed);
-        self.submit(n % self.inner.queues.len(), std::time::Duration::MAX, f)
+        self.submit(self.next_queue(), std::time::Duration::MAX, f)
             .await
     }
 
@@ -596,6 +593,12 @@ impl Store {
             (h % self.inner.queues.len() as u64) as usize
         };
         self.submit(queue, self.inner.max_wait, f).await
+    }
+
+    /// The writers' queues in turn, for units that name no locks.
+    fn next_queue(&self) -> usize {
+        let n = self.inner.next_queue.fetch_add(1, Ordering::Relaxed);
+        n % self.inner.queues.len()
     }
 
     /// Units waiting in the first writer's queue.

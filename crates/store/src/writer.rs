@@ -784,10 +784,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_unit_that_waited_too_long_is_refused_having_moved_nothing() {
         let db = TestDb::fresh();
-        let mut o = one_writer(&db);
-        o.max_wait = Duration::from_millis(500);
-        let store = Store::open(o).await.unwrap();
-        let (a, b) = two_accounts(&store).await;
+        let (store, a, b) = bounded_store(&db).await;
 
         let (gate, open_tx) = hold_writer(&store).await;
         let ran = Arc::new(AtomicBool::new(false));
@@ -857,10 +854,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_unit_started_in_time_is_finished_however_long_its_batch_takes() {
         let db = TestDb::fresh();
-        let mut o = one_writer(&db);
-        o.max_wait = Duration::from_millis(500);
-        let store = Store::open(o).await.unwrap();
-        let (a, b) = two_accounts(&store).await;
+        let (store, a, b) = bounded_store(&db).await;
 
         let (gate, open_tx) = hold_writer(&store).await;
         let paid = tokio::spawn({
@@ -894,15 +888,20 @@ mod tests {
         store.close().await;
     }
 
-    async fn two_accounts(store: &Store) -> (AccountId, AccountId) {
-        store
+    /// A store whose units may wait 500 ms for the writer, and two accounts.
+    async fn bounded_store(db: &TestDb) -> (Store, AccountId, AccountId) {
+        let mut o = one_writer(db);
+        o.max_wait = Duration::from_millis(500);
+        let store = Store::open(o).await.unwrap();
+        let (a, b) = store
             .write(|tx| {
                 let a = ledger::open_account(tx, "a", Currency::INR, AccountFlags::NONE)?;
                 let b = ledger::open_account(tx, "b", Currency::INR, AccountFlags::NONE)?;
                 Ok::<_, LedgerOpError>((a, b))
             })
             .await
-            .unwrap()
+            .unwrap();
+        (store, a, b)
     }
 
     fn pay(a: AccountId, b: AccountId, key: &str) -> TransferRequest {
