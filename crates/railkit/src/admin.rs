@@ -20,6 +20,16 @@ pub struct AdminError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Logged when the answer is made, not when the error is: an error made
+    /// inside a unit of work is made on a writer thread, outside the
+    /// request's span, and its log line would lack the request's id.
+    log: Option<Log>,
+}
+
+#[derive(Debug)]
+enum Log {
+    Internal(String),
+    Unavailable(String),
 }
 
 impl AdminError {
@@ -28,6 +38,7 @@ impl AdminError {
             status,
             code,
             message: message.into(),
+            log: None,
         }
     }
 
@@ -51,15 +62,17 @@ impl AdminError {
         )
     }
 
-    /// Logs `detail` (inside the request's span, which carries its id) and
-    /// answers without it.
+    /// Answers without `detail`, which is logged with the answer (inside
+    /// the request's span, which carries its id).
     pub fn internal(detail: impl std::fmt::Debug) -> AdminError {
-        tracing::error!(error = ?detail, "admin request failed");
-        AdminError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; see the server log for this request id",
-        )
+        AdminError {
+            log: Some(Log::Internal(format!("{detail:?}"))),
+            ..AdminError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error; see the server log for this request id",
+            )
+        }
     }
 }
 
@@ -69,14 +82,14 @@ impl From<StoreError> for AdminError {
             StoreError::Unavailable(_)
             | StoreError::Closed
             | StoreError::Busy(_)
-            | StoreError::Overloaded => {
-                tracing::warn!(error = ?e, "store unavailable");
-                AdminError::new(
+            | StoreError::Overloaded => AdminError {
+                log: Some(Log::Unavailable(format!("{e:?}"))),
+                ..AdminError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
                     "the database is unavailable; retry",
                 )
-            }
+            },
             other => AdminError::internal(other),
         }
     }
@@ -108,6 +121,11 @@ impl From<LedgerOpError> for AdminError {
 
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
+        match &self.log {
+            Some(Log::Internal(detail)) => tracing::error!(error = %detail, "admin request failed"),
+            Some(Log::Unavailable(detail)) => tracing::warn!(error = %detail, "store unavailable"),
+            None => {}
+        }
         let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
         (self.status, axum::Json(body)).into_response()
     }
@@ -252,6 +270,67 @@ pub fn percent<'de, D: Deserializer<'de>>(d: D) -> Result<Percent, D::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log writer the test can read back.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Errors made inside a unit of work are made on a writer thread; their
+    /// log lines must still carry the request's id, so they are logged when
+    /// the answer is made, inside the request's span.
+    #[test]
+    fn errors_made_off_the_request_are_logged_in_its_span() {
+        let out = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer({
+                let out = out.clone();
+                move || out.clone()
+            })
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let (internal, busy) = std::thread::spawn(|| {
+                (
+                    AdminError::internal("the disk is on fire"),
+                    AdminError::from(StoreError::Overloaded),
+                )
+            })
+            .join()
+            .unwrap();
+            let span = tracing::info_span!("request", id = "req-7f3a");
+            let _in = span.enter();
+            assert_eq!(
+                internal.into_response().status(),
+                StatusCode::INTERNAL_SERVER_ERROR
+            );
+            assert_eq!(
+                busy.into_response().status(),
+                StatusCode::SERVICE_UNAVAILABLE
+            );
+        });
+        let log = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 2, "{log}");
+        assert!(
+            lines[0].contains("ERROR") && lines[0].contains("the disk is on fire"),
+            "{log}"
+        );
+        assert!(
+            lines[1].contains("WARN") && lines[1].contains("Overloaded"),
+            "{log}"
+        );
+        assert!(lines.iter().all(|l| l.contains("req-7f3a")), "{log}");
+    }
 
     #[derive(Deserialize, Debug)]
     struct Body {
