@@ -5,6 +5,7 @@ pub mod admin;
 pub mod config;
 pub mod http;
 mod keys;
+pub mod sweeper;
 pub mod telemetry;
 
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use payrail_core::SystemClock;
 use payrail_railkit::admin::AdminError;
 use payrail_railkit::{Rail, RailContext};
 use payrail_store::sandbox::{self, Mode};
-use payrail_store::{Options, Store, Tx, ledger, outbox};
+use payrail_store::{Options, Store};
 
 pub use config::{Config, ConfigError, ServeArgs};
 
@@ -205,45 +206,6 @@ async fn readyz(State(store): State<Store>) -> impl IntoResponse {
     }
 }
 
-/// Once a second: voids reservations as they expire, folds accounts' delta
-/// rows into the accounts (PostgreSQL), prunes sent messages older than
-/// `outbox_retention` (by the store's clock, so the sandbox clock moves it),
-/// and lets each rail sweep its own tables. Each is its own unit of work, so
-/// one failing does not hold up the others.
-fn spawn_sweeper(store: Store, outbox_retention: Duration, rails: Vec<Arc<dyn Rail>>) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            if let Err(e) = store
-                .write_unbounded(|tx| ledger::expire_due(tx, 1_000))
-                .await
-            {
-                tracing::warn!(error = ?e, "expiry sweep failed");
-            }
-            if let Err(e) = store
-                .write_unbounded(|tx| ledger::fold_deltas(tx, 1_000))
-                .await
-            {
-                tracing::warn!(error = ?e, "folding account deltas failed");
-            }
-            let prune = move |tx: &mut Tx<'_>| {
-                let before = tx.now().minus(outbox_retention);
-                outbox::prune(tx, before, 1_000)
-            };
-            if let Err(e) = store.write_unbounded(prune).await {
-                tracing::warn!(error = ?e, "pruning the outbox failed");
-            }
-            for rail in &rails {
-                if let Err(e) = rail.sweep().await {
-                    tracing::warn!(rail = rail.name(), error = %e, "the rail's sweep failed");
-                }
-            }
-        }
-    });
-}
-
 /// `payrail serve`: runs until SIGINT/SIGTERM, then drains and flushes.
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let cfg = Config::resolve(&args)?;
@@ -261,11 +223,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         .local_addr()
         .map_err(|e| ServeError::Startup(e.to_string()))?;
     telemetry::spawn_metrics_upkeep(telemetry::init_metrics());
-    spawn_sweeper(
-        app.store.clone(),
-        Duration::from_secs(u64::from(cfg.store.outbox_retention_hours) * 3600),
-        app.rails.clone(),
-    );
+    let retention = Duration::from_secs(u64::from(cfg.store.outbox_retention_hours) * 3600);
+    sweeper::spawn(sweeper::steps(&app.store, retention, &app.rails));
     tracing::info!(%addr, sandbox = cfg.sandbox, db = ?cfg.db, "payrail listening");
     // One machine-readable line on stdout, for scripts and tests that start
     // the server on port 0.

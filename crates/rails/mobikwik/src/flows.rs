@@ -373,13 +373,13 @@ impl Rail {
     }
 
     /// Deletes OTPs nothing reads any more: expired, and older than the
-    /// hourly request count looks back.
-    pub async fn sweep(&self) -> Result<u64, StoreError> {
+    /// hourly request count looks back; at most `limit`, in one unit.
+    pub async fn sweep(&self, limit: i64) -> Result<u64, StoreError> {
         let age = self.settings.otp_ttl.max(OTP_RATE_WINDOW);
         self.store
             .write_unbounded(move |tx| {
                 let before = tx.now().minus(age);
-                db::prune_otps(tx, before, 1_000)
+                db::prune_otps(tx, before, limit)
             })
             .await
     }

@@ -205,7 +205,10 @@ impl Rail for MobikwikRail {
         Box::pin(async move { fixtures::load(&self.inner).await.map_err(|e| e.message) })
     }
 
-    fn sweep(&self) -> BoxFuture<'_, Result<u64, String>> {
-        Box::pin(async move { self.inner.sweep().await.map_err(|e| e.to_string()) })
+    fn sweep(&self, limit: i64) -> BoxFuture<'_, Result<bool, String>> {
+        Box::pin(async move {
+            let pruned = self.inner.sweep(limit).await.map_err(|e| e.to_string())?;
+            Ok(i64::try_from(pruned).map_or(true, |n| n >= limit))
+        })
     }
 }
