@@ -58,6 +58,26 @@ async fn health_readiness_and_metrics() {
     ] {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }
+    // The sweeper's first round runs at start; each kind's unit is counted.
+    let scrape = || async {
+        s.http
+            .get(s.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let swept = || async {
+        let text = scrape().await;
+        ["expiry", "fold", "outbox", "mobikwik"].iter().all(|kind| {
+            text.contains(&format!(
+                "payrail_sweep_units_total{{sweep=\"{kind}\",outcome=\"done\"}}"
+            ))
+        })
+    };
+    support::wait_until("every sweep's unit is counted", swept).await;
 }
 
 #[tokio::test]

@@ -80,11 +80,19 @@ pub async fn round(steps: &[Step], until: Instant) -> usize {
         let mut again = Vec::new();
         for step in due {
             units += 1;
-            match (step.run)().await {
-                Ok(true) => again.push(step),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(sweep = step.name, error = %e, "housekeeping failed"),
-            }
+            let outcome = match (step.run)().await {
+                Ok(true) => {
+                    again.push(step);
+                    "full"
+                }
+                Ok(false) => "done",
+                Err(e) => {
+                    tracing::warn!(sweep = step.name, error = %e, "housekeeping failed");
+                    "failed"
+                }
+            };
+            metrics::counter!("payrail_sweep_units_total", "sweep" => step.name, "outcome" => outcome)
+                .increment(1);
         }
         due = again;
         if Instant::now() >= until {
