@@ -41,8 +41,9 @@ pub trait Rail: Send + Sync {
     fn load_sandbox_fixtures(&self) -> BoxFuture<'_, Result<(), String>>;
 
     /// Housekeeping, run about once a second by the server: one unit of work
-    /// that deletes at most `limit` rows the rail no longer needs. Returns
-    /// whether it was full; the server then runs it again at once.
+    /// that deletes at most `limit` rows (positive) the rail no longer
+    /// needs. Returns whether it was full; the server then runs it again at
+    /// once.
     fn sweep(&self, limit: i64) -> BoxFuture<'_, Result<bool, String>> {
         let _ = limit;
         Box::pin(async { Ok(false) })

@@ -585,13 +585,32 @@ fn settle_pending(
 /// The scope of the ledger's own expiry transfers.
 pub const EXPIRY_SCOPE: &str = "ledger.expiry";
 
-/// Voids up to `limit` reservations whose time has run out. Returns how many.
-pub fn expire_due(tx: &mut Tx<'_>, limit: i64) -> Result<usize, StoreError> {
+/// What one pass of housekeeping did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Rows (accounts, for the fold) it took up: its limit when more may be
+    /// left.
+    pub scanned: usize,
+    /// Of those, the ones it changed.
+    pub done: usize,
+    /// The last account the fold took up; the next pass may start after it.
+    pub last: Option<i64>,
+}
+
+/// Voids up to `limit` reservations whose time has run out.
+///
+/// Locked as they are found, skipping any another writer holds (PostgreSQL):
+/// nodes sweeping at once each take different reservations, instead of
+/// every node's writer waiting for the first one's batch and then finding
+/// the same rows voided.
+pub fn expire_due(tx: &mut Tx<'_>, limit: i64) -> Result<Pass, StoreError> {
     let now = tx.now();
     let due = tx.query(
-        "SELECT id FROM transfers WHERE kind = 1 AND state = 0 AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2",
+        "SELECT id FROM transfers WHERE kind = 1 AND state = 0 AND expires_at <= ?1
+          ORDER BY expires_at LIMIT ?2 /*FOR UPDATE SKIP LOCKED*/",
         &[now.millis().into(), limit.into()],
     )?;
+    let scanned = due.len();
     let mut expired = 0;
     for row in due {
         let id = TransferId(row.int(0)?);
@@ -633,7 +652,11 @@ pub fn expire_due(tx: &mut Tx<'_>, limit: i64) -> Result<usize, StoreError> {
             expired += 1;
         }
     }
-    Ok(expired)
+    Ok(Pass {
+        scanned,
+        done: expired,
+        last: None,
+    })
 }
 
 /// Applies the batch's queued changes.
@@ -703,23 +726,31 @@ pub(crate) fn apply_deferred(
     Ok(())
 }
 
-/// Folds delta rows into their accounts' rows, up to `limit` accounts;
-/// returns how many. Only where there are several writers (PostgreSQL).
+/// Folds delta rows into their accounts' rows, for up to `limit` accounts
+/// with delta rows, in id order from after `after`. Only where there are
+/// several writers (PostgreSQL).
 ///
 /// Never waits: an account row or delta row locked by a writer is skipped and
 /// folded another time, so folding can neither deadlock with writers nor
-/// slow them beyond one short row lock per account.
-pub fn fold_deltas(tx: &mut Tx<'_>, limit: i64) -> Result<usize, StoreError> {
+/// slow them beyond one short row lock per account. `after` lets a series of
+/// passes walk past accounts that stay skipped (locked, or too large to
+/// fold) instead of taking them up again each time.
+pub fn fold_deltas(tx: &mut Tx<'_>, after: Option<i64>, limit: i64) -> Result<Pass, StoreError> {
     if tx.serialized() {
-        return Ok(0);
+        return Ok(Pass::default());
     }
     let candidates = tx.query(
-        "SELECT DISTINCT account_id FROM account_deltas ORDER BY account_id LIMIT ?1",
-        &[limit.into()],
+        "SELECT DISTINCT account_id FROM account_deltas WHERE account_id > ?1
+          ORDER BY account_id LIMIT ?2",
+        &[after.unwrap_or(i64::MIN).into(), limit.into()],
     )?;
-    let mut folded = 0;
+    let mut pass = Pass {
+        scanned: candidates.len(),
+        ..Pass::default()
+    };
     for row in candidates {
         let account = row.int(0)?;
+        pass.last = Some(account);
         if tx
             .query_opt(
                 // NO KEY: a writer adding this account's first delta row
@@ -757,11 +788,15 @@ pub fn fold_deltas(tx: &mut Tx<'_>, limit: i64) -> Result<usize, StoreError> {
                  RETURNING d.debits_pending, d.debits_posted, d.credits_pending, d.credits_posted
              )
              SELECT CAST(COALESCE(SUM(debits_pending), 0) AS BIGINT), CAST(COALESCE(SUM(debits_posted), 0) AS BIGINT),
-                    CAST(COALESCE(SUM(credits_pending), 0) AS BIGINT), CAST(COALESCE(SUM(credits_posted), 0) AS BIGINT)
+                    CAST(COALESCE(SUM(credits_pending), 0) AS BIGINT), CAST(COALESCE(SUM(credits_posted), 0) AS BIGINT),
+                    COUNT(*)
                FROM gone",
             &[account.into()],
         )?;
         let Some(m) = moved.first() else { continue };
+        if m.int(4)? == 0 {
+            continue; // every delta row is locked by a writer: nothing moved
+        }
         tx.execute(
             "UPDATE accounts
                 SET debits_pending = debits_pending + ?2, debits_posted = debits_posted + ?3,
@@ -775,9 +810,9 @@ pub fn fold_deltas(tx: &mut Tx<'_>, limit: i64) -> Result<usize, StoreError> {
                 m.int(3)?.into(),
             ],
         )?;
-        folded += 1;
+        pass.done += 1;
     }
-    Ok(folded)
+    Ok(pass)
 }
 
 /// The result of checking the ledger against its own rules.

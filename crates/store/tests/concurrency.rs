@@ -561,3 +561,178 @@ async fn the_same_post_on_two_nodes_answers_the_same() {
     node2.close().await;
     node1.close().await;
 }
+
+/// PostgreSQL: the fold walks past accounts it must skip. An account whose
+/// row, or whose every delta row, another node holds is taken up but not
+/// folded, and not counted as folded; a pass from after it goes on to the
+/// rest; once free, it is folded whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folding_walks_past_accounts_it_must_skip() {
+    let t = common::open().await;
+    let payrail_store::Location::Postgres(url) = t.db.location.clone() else {
+        return; // SQLite: one writer, no delta rows.
+    };
+    let store = t.store.clone();
+    let a = accounts(&store, 4).await;
+    let (issuer, wallets) = (a[0], a[1..].to_vec());
+    for (i, &to) in wallets.iter().enumerate() {
+        common::pay(&store, &format!("fund-{i}"), issuer, to, 100)
+            .await
+            .unwrap();
+    }
+    let (row_held, deltas_held) = (wallets[0].0, wallets[2].0);
+    let other = testkit::hold(&url, move |tx| {
+        tx.execute(
+            "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
+            &[&row_held],
+        )
+        .unwrap();
+        let held = tx
+            .execute(
+                "SELECT 1 FROM account_deltas WHERE account_id = $1 FOR UPDATE",
+                &[&deltas_held],
+            )
+            .unwrap();
+        assert!(held > 0, "the funding left no delta row");
+    })
+    .await;
+    // One account a pass, each from after the last; the timeout only turns
+    // a wait for a held row into a failure.
+    let walk = |after: Option<i64>| {
+        let store = store.clone();
+        async move {
+            let pass = store.write(move |tx| ledger::fold_deltas(tx, after, 1));
+            tokio::time::timeout(std::time::Duration::from_secs(20), pass)
+                .await
+                .expect("the fold waited for a row another node holds")
+                .unwrap()
+        }
+    };
+    let mut folded = Vec::new();
+    let mut after = None;
+    loop {
+        let pass = walk(after).await;
+        if pass.scanned == 0 {
+            break;
+        }
+        assert_eq!(pass.scanned, 1);
+        let account = pass.last.expect("a pass that took up an account names it");
+        assert!(after.is_none_or(|a| account > a), "the walk went back");
+        if pass.done == 1 {
+            folded.push(account);
+        }
+        after = Some(account);
+    }
+    assert!(folded.contains(&wallets[1].0), "{folded:?}");
+    assert!(!folded.contains(&row_held), "a held account row was folded");
+    assert!(
+        !folded.contains(&deltas_held),
+        "an account with every delta row held was counted as folded"
+    );
+    let deltas = |id: i64| {
+        t.db.sql(&format!(
+            "SELECT count(*) FROM account_deltas WHERE account_id = {id}"
+        ))
+    };
+    assert_eq!(deltas(wallets[1].0), ["0"]);
+    assert_ne!(deltas(row_held), ["0"]);
+    assert_ne!(deltas(deltas_held), ["0"]);
+
+    other.commit_once_waited_on(0).await;
+    let pass = walk_all(&store).await;
+    assert!(pass.done >= 2, "{pass:?}");
+    for w in wallets {
+        assert_eq!(deltas(w.0), ["0"]);
+        let balance = store
+            .read(move |tx| ledger::account(tx, w))
+            .await
+            .unwrap()
+            .unwrap()
+            .balances
+            .balance();
+        assert_eq!(balance, Money::from_minor(100));
+    }
+    verify_ok(&store).await;
+    store.close().await;
+}
+
+async fn walk_all(store: &Store) -> ledger::Pass {
+    store
+        .write(|tx| ledger::fold_deltas(tx, None, 1_000))
+        .await
+        .unwrap()
+}
+
+/// PostgreSQL: expiry skips a due reservation another node holds (its
+/// sweep, or a client posting it) instead of waiting for that node's
+/// batch, and voids the others; the held one goes in a later pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_skips_reservations_another_node_holds() {
+    const T0: i64 = 1_700_000_000_000;
+    let db = testkit::TestDb::fresh();
+    let payrail_store::Location::Postgres(url) = db.location.clone() else {
+        return; // SQLite: one writer, no row locks.
+    };
+    let clock = common::ManualClock::at(T0);
+    let store = common::open_at(db.location.clone(), clock.clone()).await;
+    let a = accounts(&store, 2).await;
+    let (issuer, wallet) = (a[0], a[1]);
+    fund(&store, issuer, wallet, 1_000).await;
+    let mut holds = Vec::new();
+    for i in 0..3 {
+        let id = store
+            .write(move |tx| {
+                ledger::transfer(
+                    tx,
+                    &TransferRequest {
+                        scope: "test".into(),
+                        key: format!("hold-{i}"),
+                        op: TransferOp::Reserve {
+                            debit: wallet,
+                            credit: issuer,
+                            currency: Currency::INR,
+                            amount: Money::from_minor(100),
+                            timeout: Some(std::time::Duration::from_secs(60 + i)),
+                        },
+                    },
+                )
+            })
+            .await
+            .unwrap()
+            .record
+            .id;
+        holds.push(id);
+    }
+    clock.set(T0 + 120_000);
+    let first = holds[0].0;
+    let other = testkit::hold(&url, move |tx| {
+        let n = tx
+            .execute(
+                "SELECT 1 FROM transfers WHERE id = $1 FOR UPDATE",
+                &[&first],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    })
+    .await;
+    let expire = || {
+        let pass = store.write(|tx| ledger::expire_due(tx, 1_000));
+        tokio::time::timeout(std::time::Duration::from_secs(20), pass)
+    };
+    let pass = expire()
+        .await
+        .expect("expiry waited for a reservation another node holds")
+        .unwrap();
+    assert_eq!((pass.scanned, pass.done), (2, 2));
+    other.commit_once_waited_on(0).await;
+    let pass = expire().await.unwrap().unwrap();
+    assert_eq!((pass.scanned, pass.done), (1, 1));
+    let w = store
+        .read(move |tx| ledger::account(tx, wallet))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(w.balances.balance(), Money::from_minor(1_000));
+    verify_ok(&store).await;
+    store.close().await;
+}

@@ -394,7 +394,7 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         .write(move |tx| {
                             sandbox::advance_clock(tx, s)?;
                             // Folding changes where totals are kept, never what they are.
-                            ledger::fold_deltas(tx, 1_000)?;
+                            ledger::fold_deltas(tx, None, 1_000)?;
                             ledger::expire_due(tx, 1_000)
                         })
                         .await

@@ -134,7 +134,7 @@ async fn a_credit_past_the_range_never_stores_or_reads_a_wrong_total() {
         };
         assert_eq!(deltas(other), ["1"]);
         t.store
-            .write(|tx| ledger::fold_deltas(tx, 1_000))
+            .write(|tx| ledger::fold_deltas(tx, None, 1_000))
             .await
             .unwrap();
         assert_eq!(deltas(other), ["0"]);

@@ -206,6 +206,8 @@ impl Rail for MobikwikRail {
     }
 
     fn sweep(&self, limit: i64) -> BoxFuture<'_, Result<bool, String>> {
+        // SQLite reads a negative LIMIT as none at all.
+        let limit = limit.max(1);
         Box::pin(async move {
             let pruned = self.inner.sweep(limit).await.map_err(|e| e.to_string())?;
             Ok(i64::try_from(pruned).map_or(true, |n| n >= limit))
