@@ -40,25 +40,6 @@ async fn health_readiness_and_metrics() {
         .await
         .unwrap();
     assert!(resp.is_success(), "{resp:?}");
-    let text = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for needle in [
-        "payrail_http_requests_total{route=\"/debitwallet\",status=\"200\"}",
-        "payrail_http_request_duration_seconds_bucket",
-        "payrail_ledger_commits_total",
-        "payrail_group_commit_batch_size_bucket",
-        "payrail_group_commit_queue_seconds_bucket",
-    ] {
-        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
-    }
-    // The sweeper's first round runs at start; each kind's unit is counted.
     let scrape = || async {
         s.http
             .get(s.url("/metrics"))
@@ -69,6 +50,17 @@ async fn health_readiness_and_metrics() {
             .await
             .unwrap()
     };
+    let text = scrape().await;
+    for needle in [
+        "payrail_http_requests_total{route=\"/debitwallet\",status=\"200\"}",
+        "payrail_http_request_duration_seconds_bucket",
+        "payrail_ledger_commits_total",
+        "payrail_group_commit_batch_size_bucket",
+        "payrail_group_commit_queue_seconds_bucket",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+    // The sweeper's first round runs at start; each kind's unit is counted.
     let swept = || async {
         let text = scrape().await;
         ["expiry", "fold", "outbox", "mobikwik"].iter().all(|kind| {

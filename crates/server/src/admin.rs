@@ -86,7 +86,7 @@ async fn advance_clock(
     let now = store
         .write(move |tx| {
             let now = sandbox::advance_clock(tx, secs)?;
-            while ledger::expire_due(tx, 1_000)?.done == 1_000 {}
+            while ledger::expire_due(tx, 1_000, ledger::Held::Wait)?.done == 1_000 {}
             Ok::<_, StoreError>(now)
         })
         .await?;

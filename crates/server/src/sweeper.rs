@@ -60,7 +60,7 @@ pub fn steps(store: &Store, outbox_retention: Duration, rails: &[Arc<dyn Rail>])
         // Full when it voided a whole unit: a reservation it took up but
         // could not void would otherwise be taken up again and again.
         Step::write("expiry", store, |tx| {
-            ledger::expire_due(tx, CHUNK).map(|p| full(p.done))
+            ledger::expire_due(tx, CHUNK, ledger::Held::Skip).map(|p| full(p.done))
         }),
         fold(store),
         Step::write("outbox", store, move |tx| {
@@ -205,8 +205,8 @@ mod tests {
     }
 
     /// The real steps: backlogs of three units' worth each (sent messages,
-    /// reservations run out, and on PostgreSQL accounts with delta rows) are
-    /// gone after one round, which ran each step three times.
+    /// reservations run out, and on PostgreSQL wallets with delta rows) are
+    /// gone after one round, which ran each of those steps three times.
     #[tokio::test]
     async fn one_round_drains_backlogs_larger_than_a_unit() {
         use payrail_core::{
@@ -232,7 +232,7 @@ mod tests {
         );
         let store = Store::open(options).await.unwrap();
         let backlog = 2 * CHUNK + 100;
-        store
+        let issuer = store
             .write(move |tx| {
                 let issuer = ledger::open_account(tx, "issuer", Currency::INR, AccountFlags::NONE)?;
                 for i in 0..backlog {
@@ -256,7 +256,7 @@ mod tests {
                     };
                     ledger::transfer(tx, &hold)?;
                 }
-                Ok::<_, ledger::LedgerOpError>(())
+                Ok::<_, ledger::LedgerOpError>(issuer)
             })
             .await
             .unwrap();
@@ -275,6 +275,13 @@ mod tests {
         assert!(left.is_empty(), "{} messages left", left.len());
         let pending = db.sql("SELECT count(*) FROM transfers WHERE kind = 1 AND state = 0");
         assert_eq!(pending, ["0"], "reservations left unvoided");
+        // Each wallet's void came before the fold's walk reached it; the
+        // issuer's later ones wait for the next round.
+        let unfolded = db.sql(&format!(
+            "SELECT count(*) FROM account_deltas WHERE account_id <> {}",
+            issuer.0
+        ));
+        assert_eq!(unfolded, ["0"], "wallets' delta rows left unfolded");
         let verified = store.read(ledger::verify).await.unwrap();
         assert!(verified.ok(), "{:?}", verified.problems);
         store.close().await;

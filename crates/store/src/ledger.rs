@@ -597,19 +597,35 @@ pub struct Pass {
     pub last: Option<i64>,
 }
 
+/// Whether a pass waits for rows another transaction holds (PostgreSQL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// Leave them to a later pass: for background sweeps.
+    Skip,
+    /// Wait for them: for a caller that must see everything due done.
+    Wait,
+}
+
 /// Voids up to `limit` reservations whose time has run out.
 ///
-/// Locked as they are found, skipping any another writer holds (PostgreSQL):
-/// nodes sweeping at once each take different reservations, instead of
-/// every node's writer waiting for the first one's batch and then finding
-/// the same rows voided.
-pub fn expire_due(tx: &mut Tx<'_>, limit: i64) -> Result<Pass, StoreError> {
+/// Locked as they are found. The sweeper skips any another transaction
+/// holds (`Held::Skip`): nodes sweeping at once each take different
+/// reservations, instead of every node's writer waiting for the first
+/// one's batch and then finding the same rows voided.
+pub fn expire_due(tx: &mut Tx<'_>, limit: i64, held: Held) -> Result<Pass, StoreError> {
+    debug_assert!(limit > 0, "SQLite reads a negative LIMIT as none");
     let now = tx.now();
-    let due = tx.query(
-        "SELECT id FROM transfers WHERE kind = 1 AND state = 0 AND expires_at <= ?1
-          ORDER BY expires_at LIMIT ?2 /*FOR UPDATE SKIP LOCKED*/",
-        &[now.millis().into(), limit.into()],
-    )?;
+    let sql = match held {
+        Held::Skip => {
+            "SELECT id FROM transfers WHERE kind = 1 AND state = 0 AND expires_at <= ?1
+              ORDER BY expires_at LIMIT ?2 /*FOR UPDATE SKIP LOCKED*/"
+        }
+        Held::Wait => {
+            "SELECT id FROM transfers WHERE kind = 1 AND state = 0 AND expires_at <= ?1
+              ORDER BY expires_at LIMIT ?2 /*FOR UPDATE*/"
+        }
+    };
+    let due = tx.query(sql, &[now.millis().into(), limit.into()])?;
     let scanned = due.len();
     let mut expired = 0;
     for row in due {
@@ -731,11 +747,14 @@ pub(crate) fn apply_deferred(
 /// several writers (PostgreSQL).
 ///
 /// Never waits: an account row or delta row locked by a writer is skipped and
-/// folded another time, so folding can neither deadlock with writers nor
-/// slow them beyond one short row lock per account. `after` lets a series of
+/// folded another time. What it locks stays locked until its batch commits,
+/// and a writer adding to a folded account's delta row waits for that; a
+/// lock cycle through other units of the batch is broken by the lock
+/// timeout, and the batch runs again. `after` lets a series of
 /// passes walk past accounts that stay skipped (locked, or too large to
 /// fold) instead of taking them up again each time.
 pub fn fold_deltas(tx: &mut Tx<'_>, after: Option<i64>, limit: i64) -> Result<Pass, StoreError> {
+    debug_assert!(limit > 0, "SQLite reads a negative LIMIT as none");
     if tx.serialized() {
         return Ok(Pass::default());
     }

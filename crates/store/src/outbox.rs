@@ -82,6 +82,7 @@ pub fn list(tx: &mut Tx<'_>, to: Option<&str>, limit: i64) -> Result<Vec<Message
 /// another is already deleting, rather than wait for (or deadlock with) its
 /// batch.
 pub fn prune(tx: &mut Tx<'_>, before: Timestamp, limit: i64) -> Result<u64, StoreError> {
+    debug_assert!(limit > 0, "SQLite reads a negative LIMIT as none");
     tx.execute(
         "DELETE FROM outbox_messages WHERE id IN
            (SELECT id FROM outbox_messages WHERE sent_at < ?1 ORDER BY sent_at LIMIT ?2

@@ -663,9 +663,10 @@ async fn walk_all(store: &Store) -> ledger::Pass {
         .unwrap()
 }
 
-/// PostgreSQL: expiry skips a due reservation another node holds (its
-/// sweep, or a client posting it) instead of waiting for that node's
-/// batch, and voids the others; the held one goes in a later pass.
+/// PostgreSQL: the sweep's expiry skips a due reservation another
+/// transaction holds (another node's sweep, or a client posting it) instead
+/// of waiting for that batch, and voids the others. The sandbox clock's
+/// expiry waits for it, and voids it once it is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_skips_reservations_another_node_holds() {
     const T0: i64 = 1_700_000_000_000;
@@ -716,7 +717,7 @@ async fn expiry_skips_reservations_another_node_holds() {
     })
     .await;
     let expire = || {
-        let pass = store.write(|tx| ledger::expire_due(tx, 1_000));
+        let pass = store.write(|tx| ledger::expire_due(tx, 1_000, ledger::Held::Skip));
         tokio::time::timeout(std::time::Duration::from_secs(20), pass)
     };
     let pass = expire()
@@ -724,8 +725,16 @@ async fn expiry_skips_reservations_another_node_holds() {
         .expect("expiry waited for a reservation another node holds")
         .unwrap();
     assert_eq!((pass.scanned, pass.done), (2, 2));
-    other.commit_once_waited_on(0).await;
-    let pass = expire().await.unwrap().unwrap();
+    let waiting = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .write(|tx| ledger::expire_due(tx, 1_000, ledger::Held::Wait))
+                .await
+        }
+    });
+    other.commit_once_waited_on(1).await;
+    let pass = waiting.await.unwrap().unwrap();
     assert_eq!((pass.scanned, pass.done), (1, 1));
     let w = store
         .read(move |tx| ledger::account(tx, wallet))

@@ -395,7 +395,7 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             sandbox::advance_clock(tx, s)?;
                             // Folding changes where totals are kept, never what they are.
                             ledger::fold_deltas(tx, None, 1_000)?;
-                            ledger::expire_due(tx, 1_000)
+                            ledger::expire_due(tx, 1_000, ledger::Held::Wait)
                         })
                         .await
                         .map_err(|e: StoreError| panic!("{e:?}"))
