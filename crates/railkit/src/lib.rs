@@ -11,6 +11,12 @@ use axum::Router;
 use futures::future::BoxFuture;
 use payrail_store::{MasterKey, Store};
 
+/// Whether a housekeeping unit that did `done` rows, at most `limit`, was
+/// full, so that more may be left; a count past `i64` counts as full.
+pub fn unit_full(done: impl TryInto<i64>, limit: i64) -> bool {
+    done.try_into().map_or(true, |n| n >= limit)
+}
+
 /// What a rail is given when the server builds it.
 #[derive(Clone)]
 pub struct RailContext {

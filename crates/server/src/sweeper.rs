@@ -51,7 +51,7 @@ impl Step {
 
 /// Whether a unit that did `n` was full.
 fn full(n: impl TryInto<i64>) -> bool {
-    n.try_into().map_or(true, |n| n >= CHUNK)
+    payrail_railkit::unit_full(n, CHUNK)
 }
 
 /// The server's steps: the ledger's and the outbox's, then each rail's.

@@ -210,7 +210,7 @@ impl Rail for MobikwikRail {
         let limit = limit.max(1);
         Box::pin(async move {
             let pruned = self.inner.sweep(limit).await.map_err(|e| e.to_string())?;
-            Ok(i64::try_from(pruned).map_or(true, |n| n >= limit))
+            Ok(payrail_railkit::unit_full(pruned, limit))
         })
     }
 }
