@@ -615,26 +615,27 @@ pub enum Held {
 pub fn expire_due(tx: &mut Tx<'_>, limit: i64, held: Held) -> Result<Pass, StoreError> {
     debug_assert!(limit > 0, "SQLite reads a negative LIMIT as none");
     let now = tx.now();
+    // The scan takes whole rows: once locked, a row is what the void needs.
+    // On PostgreSQL a row resolved while the scan waited for its lock is
+    // re-checked against the WHERE and left out.
     let sql = match held {
-        Held::Skip => {
-            "SELECT id FROM transfers WHERE kind = 1 AND state = 0 AND expires_at <= ?1
+        Held::Skip => select_transfer!(
+            "WHERE kind = 1 AND state = 0 AND expires_at <= ?1
               ORDER BY expires_at LIMIT ?2 /*FOR UPDATE SKIP LOCKED*/"
-        }
-        Held::Wait => {
-            "SELECT id FROM transfers WHERE kind = 1 AND state = 0 AND expires_at <= ?1
+        ),
+        Held::Wait => select_transfer!(
+            "WHERE kind = 1 AND state = 0 AND expires_at <= ?1
               ORDER BY expires_at LIMIT ?2 /*FOR UPDATE*/"
-        }
+        ),
     };
     let due = tx.query(sql, &[now.millis().into(), limit.into()])?;
     let scanned = due.len();
     let mut expired = 0;
     for row in due {
-        let id = TransferId(row.int(0)?);
-        let Some(pending) = lock_transfer(tx, id)? else {
-            continue;
-        };
+        let pending = transfer_from_row(&row)?;
+        let id = pending.id;
         if pending.state != PendingState::Pending {
-            continue; // resolved by someone else since the scan
+            continue; // the WHERE leaves these out
         }
         let req = TransferRequest {
             scope: EXPIRY_SCOPE.into(),

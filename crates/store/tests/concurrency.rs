@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 
 use payrail_core::{
-    AccountFlags, AccountId, Currency, LedgerError, Money, TransferOp, TransferRequest,
+    AccountFlags, AccountId, Currency, LedgerError, Money, TransferId, TransferOp, TransferRequest,
 };
 use payrail_store::ledger::{self, LedgerOpError};
 use payrail_store::testkit;
@@ -681,28 +681,7 @@ async fn expiry_skips_reservations_another_node_holds() {
     fund(&store, issuer, wallet, 1_000).await;
     let mut holds = Vec::new();
     for i in 0..3 {
-        let id = store
-            .write(move |tx| {
-                ledger::transfer(
-                    tx,
-                    &TransferRequest {
-                        scope: "test".into(),
-                        key: format!("hold-{i}"),
-                        op: TransferOp::Reserve {
-                            debit: wallet,
-                            credit: issuer,
-                            currency: Currency::INR,
-                            amount: Money::from_minor(100),
-                            timeout: Some(std::time::Duration::from_secs(60 + i)),
-                        },
-                    },
-                )
-            })
-            .await
-            .unwrap()
-            .record
-            .id;
-        holds.push(id);
+        holds.push(reserve(&store, wallet, issuer, 60 + i).await);
     }
     clock.set(T0 + 120_000);
     let first = holds[0].0;
@@ -744,4 +723,74 @@ async fn expiry_skips_reservations_another_node_holds() {
     assert_eq!(w.balances.balance(), Money::from_minor(1_000));
     verify_ok(&store).await;
     store.close().await;
+}
+
+/// PostgreSQL: a due reservation resolved by another transaction while the
+/// expiry waited for its lock is left out, not voided a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_leaves_out_a_reservation_resolved_while_it_waited() {
+    const T0: i64 = 1_700_000_000_000;
+    let db = testkit::TestDb::fresh();
+    let payrail_store::Location::Postgres(url) = db.location.clone() else {
+        return; // SQLite: one writer, no row locks.
+    };
+    let clock = common::ManualClock::at(T0);
+    let store = common::open_at(db.location.clone(), clock.clone()).await;
+    let a = accounts(&store, 2).await;
+    let (issuer, wallet) = (a[0], a[1]);
+    fund(&store, issuer, wallet, 1_000).await;
+    let id = reserve(&store, wallet, issuer, 60).await.0;
+    clock.set(T0 + 120_000);
+    // Marked voided by hand, without releasing the money, so that a second
+    // void would show in the balance.
+    let other = testkit::hold(&url, move |tx| {
+        let n = tx
+            .execute("UPDATE transfers SET state = 2 WHERE id = $1", &[&id])
+            .unwrap();
+        assert_eq!(n, 1);
+    })
+    .await;
+    let waiting = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .write(|tx| ledger::expire_due(tx, 1_000, ledger::Held::Wait))
+                .await
+        }
+    });
+    other.commit_once_waited_on(1).await;
+    let pass = waiting.await.unwrap().unwrap();
+    assert_eq!((pass.scanned, pass.done), (0, 0));
+    let w = store
+        .read(move |tx| ledger::account(tx, wallet))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(w.balances.debits_pending, 100);
+    store.close().await;
+}
+
+/// Reserves 1.00 from `debit` for `secs` seconds.
+async fn reserve(store: &Store, debit: AccountId, credit: AccountId, secs: u64) -> TransferId {
+    store
+        .write(move |tx| {
+            ledger::transfer(
+                tx,
+                &TransferRequest {
+                    scope: "test".into(),
+                    key: format!("hold-{secs}"),
+                    op: TransferOp::Reserve {
+                        debit,
+                        credit,
+                        currency: Currency::INR,
+                        amount: Money::from_minor(100),
+                        timeout: Some(std::time::Duration::from_secs(secs)),
+                    },
+                },
+            )
+        })
+        .await
+        .unwrap()
+        .record
+        .id
 }
