@@ -278,8 +278,8 @@ async fn get_and_post_are_the_same_and_xml_on_request() {
 }
 
 /// Every endpoint takes GET and POST; any other method, HEAD too, gets 405
-/// with an Allow header, and a body in the provider's shape (151, unsigned),
-/// JSON or XML as asked. A signed debit sent with PUT or HEAD moves nothing,
+/// with an Allow header, and a body in the endpoint's failure shape (151,
+/// unsigned), JSON or XML as asked. A signed debit sent with PUT or HEAD moves nothing,
 /// and leaves its orderid free.
 #[tokio::test]
 async fn other_methods_get_405_in_the_rails_shape() {
@@ -300,9 +300,10 @@ async fn other_methods_get_405_in_the_rails_shape() {
     assert_eq!(v["status"], "FAILURE", "{v}");
     assert_eq!(v["statuscode"], "151", "{v}");
     assert_eq!(v["checksum"], "", "{v}");
+    // /checkstatus and /walletrefund answer in their own shapes.
     let r = s
         .http
-        .delete(s.url("/checkstatus"))
+        .delete(s.url("/checkstatus?mid=MBK9006&orderid=METHOD_0002"))
         .header("payloadtype", "xml")
         .send()
         .await
@@ -310,9 +311,37 @@ async fn other_methods_get_405_in_the_rails_shape() {
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
     let body = r.text().await.unwrap();
     assert!(
-        body.contains("<status>FAILURE</status><statuscode>151</statuscode>"),
+        body.contains("<statuscode>151</statuscode><orderid>METHOD_0002</orderid>")
+            && body.contains("<statusmessage>Invalid Request Parameters</statusmessage>")
+            && body.contains("<status>FAILURE</status>")
+            && !body.contains("messagecode"),
         "{body}"
     );
+    let r = s
+        .http
+        .patch(s.url("/walletrefund?txid=METHOD_0003&refundid=R1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers()["allow"], "GET, POST");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            &v["statuscode"],
+            &v["statusmessage"],
+            &v["txid"],
+            &v["refundid"]
+        ),
+        (
+            &"151".into(),
+            &"Invalid Request Parameters".into(),
+            &"METHOD_0003".into(),
+            &"R1".into()
+        ),
+        "{v}"
+    );
+    assert!(v.get("messagecode").is_none(), "{v}");
     // HEAD would otherwise run the GET handler and drop the answer.
     for path in ["/debitwallet", "/userbalance", "/otpgenerate"] {
         let r = s

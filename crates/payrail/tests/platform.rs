@@ -805,8 +805,8 @@ async fn connections_past_the_cap_wait_for_a_free_one() {
 }
 
 /// Over the body limit, each family answers in its own shape: a wire
-/// endpoint with the provider's 151 (in XML if asked), the admin API with
-/// its JSON error. A declared length alone is refused, before a byte of the
+/// endpoint with 151 in its own failure shape (in XML if asked), the admin
+/// API with its JSON error. A declared length alone is refused, before a byte of the
 /// body is sent; a chunked body is cut off at the limit.
 #[tokio::test]
 async fn oversized_bodies_and_headers_are_refused_in_each_shape() {
@@ -832,6 +832,16 @@ async fn oversized_bodies_and_headers_are_refused_in_each_shape() {
                 "POST /debitwallet",
                 "payloadtype: xml",
                 "<status>FAILURE</status><statuscode>151</statuscode>",
+            ),
+            (
+                "POST /checkstatus?orderid=BIG_0001",
+                "Content-Type: application/x-www-form-urlencoded",
+                "{\"statuscode\":\"151\",\"orderid\":\"BIG_0001\",\"refid\":\"\",\"amount\":\"\",\"statusmessage\":\"Invalid Request Parameters\"",
+            ),
+            (
+                "POST /walletrefund?txid=BIG_0002",
+                "Content-Type: application/x-www-form-urlencoded",
+                "\"statuscode\":\"151\",\"statusmessage\":\"Invalid Request Parameters\"",
             ),
         ] {
             let (head, body) = match framing {

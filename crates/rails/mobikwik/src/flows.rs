@@ -190,9 +190,6 @@ const WALLET_REFUND: Endpoint = Endpoint {
     regen_secret: false,
 };
 
-const STATUS_SIGNED: &[&str] = signed_fields::STATUS_ANSWER;
-const REFUND_STATUS_SIGNED: &[&str] = signed_fields::REFUND_STATUS_ANSWER;
-
 /// HMAC-SHA256 of the parts, each ended by a NUL so that no two lists of
 /// parts give the same text.
 pub(crate) fn keyed_digest<'a>(key: &[u8], parts: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
@@ -819,7 +816,7 @@ impl Rail {
     pub async fn check_status(&self, p: &Params) -> Reply {
         let orderid = p.get("orderid").to_string();
         let refundid = p.opt("refundid").map(str::to_string);
-        let head = |c: Code| status_answer(c, &orderid, refundid.as_deref());
+        let head = |c: Code| Answer::status_failure(c, &orderid, refundid.as_deref());
         let endpoint = if refundid.is_some() {
             &CHECK_REFUND_STATUS
         } else {
@@ -855,7 +852,7 @@ impl Rail {
                             ("ordertype", "payment".into()),
                             ("status", "SUCCESS".into()),
                         ],
-                        signed: Signed::Fixed(STATUS_SIGNED),
+                        signed: Signed::Fixed(signed_fields::STATUS_ANSWER),
                     });
                 };
                 match db::refund(tx, &mid, &rid)? {
@@ -870,7 +867,7 @@ impl Rail {
                             ("statusmessage", "Refund".into()),
                             ("status", "SUCCESS".into()),
                         ],
-                        signed: Signed::Fixed(REFUND_STATUS_SIGNED),
+                        signed: Signed::Fixed(signed_fields::REFUND_STATUS_ANSWER),
                     }),
                     _ => Ok(not_found),
                 }
@@ -884,7 +881,7 @@ impl Rail {
     pub async fn refund(&self, p: &Params) -> Reply {
         let txid = p.get("txid").to_string();
         let refundid = p.get("refundid").to_string();
-        let head = |c: Code| refund_answer(c, c.description(), &txid, &refundid, "", "");
+        let head = |c: Code| Answer::refund(c, c.description(), &txid, &refundid, "", "");
         let m = match self.authenticate(p, &WALLET_REFUND, &head).await {
             Ok(m) => m,
             Err(r) => return r,
@@ -1078,69 +1075,6 @@ impl Debit {
     }
 }
 
-/// A `/checkstatus` failure, with the signed fields present (empty) so that
-/// the answer has one shape whatever the outcome.
-fn status_answer(code: Code, orderid: &str, refundid: Option<&str>) -> Answer {
-    let message = code.description().to_string();
-    match refundid {
-        None => Answer {
-            fields: vec![
-                ("statuscode", code.number().to_string()),
-                ("orderid", orderid.to_string()),
-                ("refid", String::new()),
-                ("amount", String::new()),
-                ("statusmessage", message),
-                ("ordertype", String::new()),
-                ("status", "FAILURE".into()),
-            ],
-            signed: Signed::Fixed(STATUS_SIGNED),
-        },
-        Some(refundid) => Answer {
-            fields: vec![
-                ("statuscode", code.number().to_string()),
-                ("orderid", orderid.to_string()),
-                ("refundid", refundid.to_string()),
-                ("txnamount", String::new()),
-                ("refundamount", String::new()),
-                ("refid", String::new()),
-                ("statusmessage", message),
-                ("status", "FAILURE".into()),
-            ],
-            signed: Signed::Fixed(REFUND_STATUS_SIGNED),
-        },
-    }
-}
-
-fn refund_answer(
-    code: Code,
-    message: &str,
-    txid: &str,
-    refundid: &str,
-    amount: &str,
-    refid: &str,
-) -> Answer {
-    Answer {
-        fields: vec![
-            ("txid", txid.to_string()),
-            ("refundid", refundid.to_string()),
-            ("amount", amount.to_string()),
-            ("refid", refid.to_string()),
-            (
-                "status",
-                if code == Code::Ok {
-                    "SUCCESS"
-                } else {
-                    "FAILURE"
-                }
-                .into(),
-            ),
-            ("statuscode", code.number().to_string()),
-            ("statusmessage", message.to_string()),
-        ],
-        signed: Signed::Sorted,
-    }
-}
-
 const EXCEEDS: &str = "General error: refunds would exceed the transaction amount";
 
 /// One refund, as a unit of work.
@@ -1162,7 +1096,7 @@ impl Refund {
         } else {
             String::new()
         };
-        refund_answer(code, message, &self.txid, &self.refundid, &amount, refid)
+        Answer::refund(code, message, &self.txid, &self.refundid, &amount, refid)
     }
 
     /// The refundid was used before: the first answer if it was this same

@@ -22,12 +22,12 @@ pub mod wire;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::{RawQuery, State};
+use axum::extract::{Request, State};
 use axum::handler::Handler;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use axum::routing::{MethodRouter, get};
+use axum::{Extension, Router};
 use futures::future::BoxFuture;
 use payrail_railkit::{Rail, RailContext};
 use serde::Deserialize;
@@ -146,11 +146,12 @@ endpoint!(createwalletuser => create_wallet_user);
 /// HEAD included, although axum would run the GET handler for it: every
 /// endpoint acts on a signed request (a debit moves money), and a HEAD answer
 /// has no body, so the caller would never learn what was done.
-async fn method_not_allowed(RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
+async fn method_not_allowed(req: Request) -> Response {
     let mut answer = wire::refusal(
         StatusCode::METHOD_NOT_ALLOWED,
-        query.as_deref(),
-        wire::Format::of(&headers),
+        wire::Shape::of(&req),
+        req.uri().query(),
+        wire::Format::of(req.headers()),
     );
     // Set here, so axum does not add its own list (which would name HEAD).
     answer
@@ -159,13 +160,19 @@ async fn method_not_allowed(RawQuery(query): RawQuery, headers: HeaderMap) -> Re
     answer
 }
 
-/// An endpoint: GET and POST take the same parameters; HEAD is refused.
-fn signed<H, T>(handler: H) -> MethodRouter<Arc<flows::Rail>>
+/// An endpoint: GET and POST take the same parameters; HEAD and any other
+/// method are refused. `shape` is its failure answer's, for refusals made
+/// before it runs.
+fn signed<H, T>(handler: H, shape: wire::Shape) -> MethodRouter<Arc<flows::Rail>>
 where
     H: Handler<T, Arc<flows::Rail>>,
     T: 'static,
 {
-    get(handler.clone()).post(handler).head(method_not_allowed)
+    get(handler.clone())
+        .post(handler)
+        .head(method_not_allowed)
+        .fallback(method_not_allowed)
+        .layer(Extension(shape))
 }
 
 impl Rail for MobikwikRail {
@@ -174,17 +181,17 @@ impl Rail for MobikwikRail {
     }
 
     fn routes(&self) -> Router {
+        use wire::Shape::{Msgcode, Refund, Status};
         Router::new()
-            .route("/otpgenerate", signed(otpgenerate))
-            .route("/tokengenerate", signed(tokengenerate))
-            .route("/tokenregenerate", signed(tokenregenerate))
-            .route("/debitwallet", signed(debitwallet))
-            .route("/checkstatus", signed(checkstatus))
-            .route("/walletrefund", signed(walletrefund))
-            .route("/userbalance", signed(userbalance))
-            .route("/querywallet", signed(querywallet))
-            .route("/createwalletuser", signed(createwalletuser))
-            .method_not_allowed_fallback(method_not_allowed)
+            .route("/otpgenerate", signed(otpgenerate, Msgcode))
+            .route("/tokengenerate", signed(tokengenerate, Msgcode))
+            .route("/tokenregenerate", signed(tokenregenerate, Msgcode))
+            .route("/debitwallet", signed(debitwallet, Msgcode))
+            .route("/checkstatus", signed(checkstatus, Status))
+            .route("/walletrefund", signed(walletrefund, Refund))
+            .route("/userbalance", signed(userbalance, Msgcode))
+            .route("/querywallet", signed(querywallet, Msgcode))
+            .route("/createwalletuser", signed(createwalletuser, Msgcode))
             .with_state(Arc::clone(&self.inner))
     }
 

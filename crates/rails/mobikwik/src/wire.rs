@@ -208,11 +208,12 @@ impl<S: Send + Sync> FromRequest<S> for WireRequest {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let format = Format::of(req.headers());
+        let shape = Shape::of(&req);
         let query = req.uri().query().map(str::to_owned);
         let body = match bytes::Bytes::from_request(req, state).await {
             Ok(body) => body,
             // Too large (413), or it stalled or broke off (400).
-            Err(e) => return Err(refusal(e.status(), query.as_deref(), format)),
+            Err(e) => return Err(refusal(e.status(), shape, query.as_deref(), format)),
         };
         Ok(WireRequest {
             params: Params::from_parts(query.as_deref(), &body),
@@ -221,19 +222,58 @@ impl<S: Send + Sync> FromRequest<S> for WireRequest {
     }
 }
 
+/// Which failure answer an endpoint gives. Set on each route (see
+/// `signed` in the crate root), so that a request refused before its
+/// endpoint runs is answered in that endpoint's shape.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Shape {
+    /// The msgcode APIs' head: `messagecode`, `status`, `statuscode`,
+    /// `statusdescription`.
+    #[default]
+    Msgcode,
+    /// `/checkstatus`: [`Answer::status_failure`].
+    Status,
+    /// `/walletrefund`: [`Answer::refund`].
+    Refund,
+}
+
+impl Shape {
+    /// The route's shape, from the request's extensions.
+    pub fn of(req: &Request) -> Shape {
+        req.extensions().get::<Shape>().copied().unwrap_or_default()
+    }
+}
+
 /// The answer to a request that never reached its endpoint: a body over the
 /// size limit or not received in time, or a method other than GET and
-/// POST. It is 151 in the rail's own shape, so that a client that reads only
-/// the body still gets a FAILURE it knows, with the HTTP status saying
-/// which. It is unsigned, because nothing was authenticated, and it repeats
-/// the query's msgcode only when that is one.
-pub fn refusal(status: StatusCode, query: Option<&str>, format: Format) -> Response {
-    let msgcode = Params::from_parts(query, b"")
-        .opt("msgcode")
-        .filter(|m| m.len() <= 4 && m.bytes().all(|b| b.is_ascii_digit()))
-        .unwrap_or("")
-        .to_string();
-    let mut resp = Answer::status(&msgcode, Code::ParamsInvalid).render(None, format);
+/// POST. It is 151 in the endpoint's own shape, so that a client that reads
+/// only the body still gets a FAILURE it knows, with the HTTP status saying
+/// which. It is unsigned, because nothing was authenticated. Of the query it
+/// repeats what the endpoint's failures repeat: the msgcode only when that
+/// is one, the orderid, txid and refundid as sent (the query is bounded by
+/// the header limit).
+pub fn refusal(status: StatusCode, shape: Shape, query: Option<&str>, format: Format) -> Response {
+    let p = Params::from_parts(query, b"");
+    let code = Code::ParamsInvalid;
+    let answer = match shape {
+        Shape::Msgcode => {
+            let msgcode = p
+                .opt("msgcode")
+                .filter(|m| m.len() <= 4 && m.bytes().all(|b| b.is_ascii_digit()))
+                .unwrap_or("");
+            Answer::status(msgcode, code)
+        }
+        Shape::Status => Answer::status_failure(code, p.get("orderid"), p.opt("refundid")),
+        Shape::Refund => Answer::refund(
+            code,
+            code.description(),
+            p.get("txid"),
+            p.get("refundid"),
+            "",
+            "",
+        ),
+    };
+    let mut resp = answer.render(None, format);
     *resp.status_mut() = status;
     resp
 }
@@ -319,6 +359,67 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// A `/checkstatus` failure, with the signed fields present (empty) so
+    /// that the answer has one shape whatever the outcome.
+    pub fn status_failure(code: Code, orderid: &str, refundid: Option<&str>) -> Answer {
+        let message = code.description().to_string();
+        match refundid {
+            None => Answer {
+                fields: vec![
+                    ("statuscode", code.number().to_string()),
+                    ("orderid", orderid.to_string()),
+                    ("refid", String::new()),
+                    ("amount", String::new()),
+                    ("statusmessage", message),
+                    ("ordertype", String::new()),
+                    ("status", "FAILURE".into()),
+                ],
+                signed: Signed::Fixed(signed_fields::STATUS_ANSWER),
+            },
+            Some(refundid) => Answer {
+                fields: vec![
+                    ("statuscode", code.number().to_string()),
+                    ("orderid", orderid.to_string()),
+                    ("refundid", refundid.to_string()),
+                    ("txnamount", String::new()),
+                    ("refundamount", String::new()),
+                    ("refid", String::new()),
+                    ("statusmessage", message),
+                    ("status", "FAILURE".into()),
+                ],
+                signed: Signed::Fixed(signed_fields::REFUND_STATUS_ANSWER),
+            },
+        }
+    }
+
+    /// A `/walletrefund` answer.
+    pub fn refund(
+        code: Code,
+        message: &str,
+        txid: &str,
+        refundid: &str,
+        amount: &str,
+        refid: &str,
+    ) -> Answer {
+        let status = if code == Code::Ok {
+            "SUCCESS"
+        } else {
+            "FAILURE"
+        };
+        Answer {
+            fields: vec![
+                ("txid", txid.to_string()),
+                ("refundid", refundid.to_string()),
+                ("amount", amount.to_string()),
+                ("refid", refid.to_string()),
+                ("status", status.into()),
+                ("statuscode", code.number().to_string()),
+                ("statusmessage", message.to_string()),
+            ],
+            signed: Signed::Sorted,
+        }
+    }
+
     /// The standard head of a msgcode API answer.
     pub fn status(msgcode: &str, code: Code) -> Answer {
         Answer::status_with(msgcode, code, code.description())
