@@ -359,6 +359,60 @@ async fn other_methods_get_405_in_the_rails_shape() {
     assert_eq!(s.wallet_balance(RICH).await, "9990.00");
 }
 
+/// A client that shuts its side of the connection once it has sent its
+/// request (as `nc -N` and some HTTP/1.0 clients do) still gets the answer:
+/// otherwise it could not tell whether it was charged.
+#[tokio::test]
+async fn a_half_closed_connection_still_gets_its_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Server::start().await;
+    let c = s.client();
+    let debit = c.debit_request(&Debit::new(RICH, "10", "HALFCLOSE_0001", TOKEN));
+    let body: Vec<String> = debit
+        .params
+        .iter()
+        .map(|(k, v)| {
+            let enc: String = v
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            format!("{k}={enc}")
+        })
+        .collect();
+    let body = body.join("&");
+    let addr = s.base.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(
+        format!(
+            "POST /debitwallet HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    conn.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        conn.read_to_string(&mut answer),
+    )
+    .await
+    .expect("no answer")
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(
+        answer.contains("\"status\":\"SUCCESS\"") && answer.contains("HALFCLOSE_0001"),
+        "{answer:?}"
+    );
+    assert_eq!(s.wallet_balance(RICH).await, "9990.00");
+}
+
 /// A value over the parser's bound (512 bytes) is still part of what the
 /// checksum covers: a correctly signed request with one is told 151, signed,
 /// not 80 (which would send its sender after a checksum that is right).

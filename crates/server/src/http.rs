@@ -83,7 +83,14 @@ pub async fn serve(
         .header_read_timeout(Duration::from_secs(30))
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(100)
-        .keep_alive(true);
+        .keep_alive(true)
+        // A client may shut its side once it has sent its request (`nc -N`,
+        // some HTTP/1.0 clients) and still expect the answer. Without this
+        // hyper drops the connection at that EOF, unanswered, while the debit
+        // it carried may still be made. With it, hyper stops watching for
+        // EOF during a request, so a request that arrived whole is always
+        // run to its end and answered, whoever is left to read the answer.
+        .half_close(true);
     let graceful = GracefulShutdown::new();
     // Each connection holds a slot: past the cap, new ones wait in the
     // listen backlog instead of taking file descriptors the database needs.
