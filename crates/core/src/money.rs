@@ -21,6 +21,8 @@ pub enum AmountError {
     TooPrecise,
     #[error("amount exceeds the maximum of {}", Money::MAX)]
     TooLarge,
+    #[error("a percentage is at most 100")]
+    PercentOver100,
 }
 
 impl Money {
@@ -138,11 +140,11 @@ impl Percent {
 
     /// Parses `0` to `100` with up to two decimals.
     pub fn parse(text: &str) -> Result<Percent, AmountError> {
-        let bp = parse_two_decimals(text)?;
-        if bp > 10_000 {
-            return Err(AmountError::TooLarge);
+        match parse_two_decimals(text) {
+            Ok(bp) if bp <= 10_000 => Ok(Percent(bp as u32)),
+            Ok(_) | Err(AmountError::TooLarge) => Err(AmountError::PercentOver100),
+            Err(e) => Err(e),
         }
-        Ok(Percent(bp as u32))
     }
 
     pub fn from_basis_points(bp: u32) -> Option<Percent> {
@@ -209,7 +211,13 @@ mod tests {
         let p12_5 = Percent::parse("12.5").unwrap();
         assert_eq!(Money(999).percent_floor(p12_5), Money(124)); // 124.875
         assert_eq!(Money(999).percent_floor(Percent::HUNDRED), Money(999));
-        assert!(Percent::parse("100.01").is_err());
+        assert_eq!(Percent::parse("100.01"), Err(AmountError::PercentOver100));
+        assert_eq!(
+            Percent::parse("99999999999999999999"),
+            Err(AmountError::PercentOver100)
+        );
+        assert_eq!(Percent::parse("1e2"), Err(AmountError::Syntax));
+        assert_eq!(Percent::parse("100").map(Percent::basis_points), Ok(10_000));
     }
 
     proptest! {
