@@ -704,16 +704,7 @@ async fn expiry_skips_reservations_another_node_holds() {
         .expect("expiry waited for a reservation another node holds")
         .unwrap();
     assert_eq!((pass.scanned, pass.done), (2, 2));
-    let waiting = tokio::spawn({
-        let store = store.clone();
-        async move {
-            store
-                .write(|tx| ledger::expire_due(tx, 1_000, ledger::Held::Wait))
-                .await
-        }
-    });
-    other.commit_once_waited_on(1).await;
-    let pass = waiting.await.unwrap().unwrap();
+    let pass = expire_waiting_for(&store, other).await;
     assert_eq!((pass.scanned, pass.done), (1, 1));
     let w = store
         .read(move |tx| ledger::account(tx, wallet))
@@ -750,6 +741,20 @@ async fn expiry_leaves_out_a_reservation_resolved_while_it_waited() {
         assert_eq!(n, 1);
     })
     .await;
+    let pass = expire_waiting_for(&store, other).await;
+    assert_eq!((pass.scanned, pass.done), (0, 0));
+    let w = store
+        .read(move |tx| ledger::account(tx, wallet))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(w.balances.debits_pending, 100);
+    store.close().await;
+}
+
+/// Runs the sandbox clock's expiry (`Held::Wait`) while `other` holds its
+/// locks, and lets `other` commit once the expiry waits for it.
+async fn expire_waiting_for(store: &Store, other: testkit::Held) -> ledger::Pass {
     let waiting = tokio::spawn({
         let store = store.clone();
         async move {
@@ -759,15 +764,7 @@ async fn expiry_leaves_out_a_reservation_resolved_while_it_waited() {
         }
     });
     other.commit_once_waited_on(1).await;
-    let pass = waiting.await.unwrap().unwrap();
-    assert_eq!((pass.scanned, pass.done), (0, 0));
-    let w = store
-        .read(move |tx| ledger::account(tx, wallet))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(w.balances.debits_pending, 100);
-    store.close().await;
+    waiting.await.unwrap().unwrap()
 }
 
 /// Reserves 1.00 from `debit` for `secs` seconds.

@@ -300,6 +300,15 @@ macro_rules! status_codes {
                 }
             }
 
+            /// The answer's `status`: SUCCESS for 0 only.
+            pub fn status(self) -> &'static str {
+                if matches!(self, Code::Ok) {
+                    "SUCCESS"
+                } else {
+                    "FAILURE"
+                }
+            }
+
             pub fn description(self) -> &'static str {
                 match self {
                     $(Code::$name => $description,)*
@@ -401,18 +410,13 @@ impl Answer {
         amount: &str,
         refid: &str,
     ) -> Answer {
-        let status = if code == Code::Ok {
-            "SUCCESS"
-        } else {
-            "FAILURE"
-        };
         Answer {
             fields: vec![
                 ("txid", txid.to_string()),
                 ("refundid", refundid.to_string()),
                 ("amount", amount.to_string()),
                 ("refid", refid.to_string()),
-                ("status", status.into()),
+                ("status", code.status().into()),
                 ("statuscode", code.number().to_string()),
                 ("statusmessage", message.to_string()),
             ],
@@ -426,15 +430,10 @@ impl Answer {
     }
 
     pub fn status_with(msgcode: &str, code: Code, description: impl Into<String>) -> Answer {
-        let status = if code == Code::Ok {
-            "SUCCESS"
-        } else {
-            "FAILURE"
-        };
         Answer {
             fields: vec![
                 ("messagecode", msgcode.to_string()),
-                ("status", status.to_string()),
+                ("status", code.status().into()),
                 ("statuscode", code.number().to_string()),
                 ("statusdescription", description.into()),
             ],
