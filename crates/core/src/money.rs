@@ -86,40 +86,36 @@ fn parse_two_decimals(text: &str) -> Result<i64, AmountError> {
     if text.is_empty() {
         return Err(AmountError::Empty);
     }
-    // 13 integer digits + '.' + 2 decimals is already far above any bound we
-    // apply; refusing longer input early keeps the arithmetic overflow-free.
-    if text.len() > 16 {
-        return Err(AmountError::TooLarge);
-    }
     let (int_part, frac_part) = match text.split_once('.') {
         Some((i, f)) => (i, Some(f)),
         None => (text, None),
     };
-    if int_part.is_empty() || !int_part.bytes().all(|b| b.is_ascii_digit()) {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int_part) || frac_part.is_some_and(|f| !digits(f)) {
         return Err(AmountError::Syntax);
+    }
+    let frac = frac_part.unwrap_or("");
+    if frac.len() > 2 {
+        return Err(AmountError::TooPrecise);
+    }
+    // 13 integer digits are already far above any bound we apply; refusing
+    // more before the arithmetic keeps it overflow-free. Leading zeros add
+    // nothing, so they do not count.
+    if int_part.trim_start_matches('0').len() > 13 {
+        return Err(AmountError::TooLarge);
     }
     let mut minor: i64 = 0;
     for b in int_part.bytes() {
         minor = minor * 10 + i64::from(b - b'0');
     }
-    minor *= 100;
-    if let Some(frac) = frac_part {
-        if frac.is_empty() || !frac.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(AmountError::Syntax);
-        }
-        if frac.len() > 2 {
-            return Err(AmountError::TooPrecise);
-        }
-        let mut cents = 0;
-        for b in frac.bytes() {
-            cents = cents * 10 + i64::from(b - b'0');
-        }
-        if frac.len() == 1 {
-            cents *= 10;
-        }
-        minor += cents;
+    let mut cents = 0;
+    for b in frac.bytes() {
+        cents = cents * 10 + i64::from(b - b'0');
     }
-    Ok(minor)
+    if frac.len() == 1 {
+        cents *= 10;
+    }
+    Ok(minor * 100 + cents)
 }
 
 impl fmt::Display for Money {
@@ -217,6 +213,19 @@ mod tests {
             Err(AmountError::PercentOver100)
         );
         assert_eq!(Percent::parse("1e2"), Err(AmountError::Syntax));
+        // Long input is judged by what it is, not by its length.
+        assert_eq!(
+            Percent::parse("12.50000000000000"),
+            Err(AmountError::TooPrecise)
+        );
+        assert_eq!(
+            Percent::parse("abcdefghijklmnopq"),
+            Err(AmountError::Syntax)
+        );
+        assert_eq!(
+            Percent::parse("000000000000000012.5").map(Percent::basis_points),
+            Ok(1_250)
+        );
         assert_eq!(Percent::parse("100").map(Percent::basis_points), Ok(10_000));
     }
 
@@ -245,6 +254,20 @@ mod tests {
                 let (i, f) = text.split_once('.').unwrap_or((&text, "00"));
                 prop_assert!(!i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()));
                 prop_assert!((1..=2).contains(&f.len()) && f.bytes().all(|b| b.is_ascii_digit()));
+            }
+        }
+
+        #[test]
+        fn leading_zeros_change_nothing(zeros in 0usize..40, minor in 0i64..=Money::MAX.minor()) {
+            let m = Money::from_minor(minor);
+            prop_assert_eq!(Money::parse(&format!("{}{m}", "0".repeat(zeros))), Ok(m));
+        }
+
+        #[test]
+        fn long_digit_strings_are_refused_without_overflow(text in "[0-9]{0,40}(\\.[0-9]{0,4})?") {
+            // Debug builds panic on overflow: reaching the end is the check.
+            if let Ok(m) = Money::parse(&text) {
+                prop_assert!(m <= Money::MAX);
             }
         }
 
