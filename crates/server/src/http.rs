@@ -89,7 +89,10 @@ pub async fn serve(
         // hyper drops the connection at that EOF, unanswered, while the debit
         // it carried may still be made. With it, hyper stops watching for
         // EOF during a request, so a request that arrived whole is always
-        // run to its end and answered, whoever is left to read the answer.
+        // run to its end, whoever is left to read the answer. The price: a
+        // client that gives up no longer cancels its request, which keeps
+        // its connection slot until then. Every wait a request can make is
+        // bounded (`store.max_wait_ms`, the self-check's turn included).
         .half_close(true);
     let graceful = GracefulShutdown::new();
     // Each connection holds a slot: past the cap, new ones wait in the

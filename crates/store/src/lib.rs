@@ -668,14 +668,20 @@ impl Store {
     /// wait here without holding a reader. On PostgreSQL the request
     /// statement timeout would cancel such a read on a large ledger, so this
     /// one has a longer one (an hour).
+    ///
+    /// Waiting for the one before it is bounded like any read's wait for a
+    /// reader (`max_wait`, then `Overloaded`): the server answers a request
+    /// whose client has gone (see `half_close` in the server's `http.rs`),
+    /// so self-checks abandoned by impatient clients would otherwise queue
+    /// up and each scan the whole ledger in turn.
     pub async fn read_alone<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        // No wait bound: these are rare, admin-only, and expected to take long.
-        self.off_runtime(&self.inner.alone_permit, None, move |inner| {
+        let max_wait = Some(self.inner.max_wait);
+        self.off_runtime(&self.inner.alone_permit, max_wait, move |inner| {
             let mut conn = (inner.connect_reader)().map_err(|e| E::from(e.into()))?;
             conn.batch(inner.begin_read())
                 .map_err(|e| E::from(e.into()))?;

@@ -133,6 +133,45 @@ async fn long_reads_run_one_at_a_time() {
     store.close().await;
 }
 
+/// A long read that waits past `max_wait` for the one before it is refused,
+/// having run nothing; the next one runs once the first is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_read_that_waits_too_long_for_its_turn_is_refused() {
+    let db = TestDb::fresh();
+    let mut o = options(&db, 2);
+    o.max_wait = Duration::from_millis(100);
+    let store = Store::open(o).await.expect("open store");
+    let (entered, is_entered) = mpsc::channel::<()>();
+    let (release, released) = mpsc::channel::<()>();
+    let first = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .read_alone(move |_tx| {
+                    entered.send(()).unwrap();
+                    released.recv().unwrap();
+                    Ok::<_, StoreError>(())
+                })
+                .await
+        }
+    });
+    tokio::task::spawn_blocking(move || is_entered.recv().unwrap())
+        .await
+        .unwrap();
+    let refused = tokio::time::timeout(HANG, store.read_alone(|_tx| Ok::<_, StoreError>(())))
+        .await
+        .expect("the long read waited for its turn without a bound");
+    assert!(
+        matches!(refused, Err(StoreError::Overloaded)),
+        "{refused:?}"
+    );
+    release.send(()).unwrap();
+    first.await.unwrap().unwrap();
+    let verified = store.read_alone(ledger::verify).await.unwrap();
+    assert!(verified.ok(), "{:?}", verified.problems);
+    store.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_long_read_has_a_longer_statement_timeout() {
     let db = TestDb::fresh();
