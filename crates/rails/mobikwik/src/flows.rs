@@ -816,7 +816,7 @@ impl Rail {
     pub async fn check_status(&self, p: &Params) -> Reply {
         let orderid = p.get("orderid").to_string();
         let refundid = p.opt("refundid").map(str::to_string);
-        let head = |c: Code| Answer::status_failure(c, &orderid, refundid.as_deref());
+        let head = |c: Code| Answer::check_status_failure(c, &orderid, refundid.as_deref());
         let endpoint = if refundid.is_some() {
             &CHECK_REFUND_STATUS
         } else {

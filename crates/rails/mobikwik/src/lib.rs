@@ -141,7 +141,7 @@ endpoint!(userbalance => balance);
 endpoint!(querywallet => query_wallet);
 endpoint!(createwalletuser => create_wallet_user);
 
-/// Any method but GET and POST: 405 in the rail's shape.
+/// Any method but GET and POST: 405 in the endpoint's failure shape.
 ///
 /// HEAD included, although axum would run the GET handler for it: every
 /// endpoint acts on a signed request (a debit moves money), and a HEAD answer

@@ -231,7 +231,7 @@ pub enum Shape {
     /// `statusdescription`.
     #[default]
     Msgcode,
-    /// `/checkstatus`: [`Answer::status_failure`].
+    /// `/checkstatus`: [`Answer::check_status_failure`].
     Status,
     /// `/walletrefund`: [`Answer::refund`].
     Refund,
@@ -263,7 +263,7 @@ pub fn refusal(status: StatusCode, shape: Shape, query: Option<&str>, format: Fo
                 .unwrap_or("");
             Answer::status(msgcode, code)
         }
-        Shape::Status => Answer::status_failure(code, p.get("orderid"), p.opt("refundid")),
+        Shape::Status => Answer::check_status_failure(code, p.get("orderid"), p.opt("refundid")),
         Shape::Refund => Answer::refund(
             code,
             code.description(),
@@ -370,7 +370,7 @@ pub struct Answer {
 impl Answer {
     /// A `/checkstatus` failure, with the signed fields present (empty) so
     /// that the answer has one shape whatever the outcome.
-    pub fn status_failure(code: Code, orderid: &str, refundid: Option<&str>) -> Answer {
+    pub fn check_status_failure(code: Code, orderid: &str, refundid: Option<&str>) -> Answer {
         let message = code.description().to_string();
         match refundid {
             None => Answer {
