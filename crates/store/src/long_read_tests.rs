@@ -30,18 +30,33 @@ async fn hold_reader(
     tokio::task::JoinHandle<Result<(), StoreError>>,
     mpsc::Sender<()>,
 ) {
+    hold(store, false).await
+}
+
+/// Holds a read until the sender is used: on a pooled reader, or (`alone`)
+/// a [`Store::read_alone`], which holds the long reads' turn.
+async fn hold(
+    store: &Store,
+    alone: bool,
+) -> (
+    tokio::task::JoinHandle<Result<(), StoreError>>,
+    mpsc::Sender<()>,
+) {
     let (entered, is_entered) = mpsc::channel::<()>();
     let (release, released) = mpsc::channel::<()>();
     let holder = tokio::spawn({
         let store = store.clone();
         async move {
-            store
-                .read(move |_tx| {
-                    entered.send(()).unwrap();
-                    released.recv().unwrap();
-                    Ok::<_, StoreError>(())
-                })
-                .await
+            let read = move |_tx: &mut crate::Tx<'_>| {
+                entered.send(()).unwrap();
+                released.recv().unwrap();
+                Ok::<_, StoreError>(())
+            };
+            if alone {
+                store.read_alone(read).await
+            } else {
+                store.read(read).await
+            }
         }
     });
     tokio::task::spawn_blocking(move || is_entered.recv().unwrap())
@@ -141,23 +156,7 @@ async fn a_long_read_that_waits_too_long_for_its_turn_is_refused() {
     let mut o = options(&db, 2);
     o.max_wait = Duration::from_millis(100);
     let store = Store::open(o).await.expect("open store");
-    let (entered, is_entered) = mpsc::channel::<()>();
-    let (release, released) = mpsc::channel::<()>();
-    let first = tokio::spawn({
-        let store = store.clone();
-        async move {
-            store
-                .read_alone(move |_tx| {
-                    entered.send(()).unwrap();
-                    released.recv().unwrap();
-                    Ok::<_, StoreError>(())
-                })
-                .await
-        }
-    });
-    tokio::task::spawn_blocking(move || is_entered.recv().unwrap())
-        .await
-        .unwrap();
+    let (first, release) = hold(&store, true).await;
     let refused = tokio::time::timeout(HANG, store.read_alone(|_tx| Ok::<_, StoreError>(())))
         .await
         .expect("the long read waited for its turn without a bound");

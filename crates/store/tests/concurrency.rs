@@ -663,37 +663,69 @@ async fn walk_all(store: &Store) -> ledger::Pass {
         .unwrap()
 }
 
+/// The expiry tests' set-up (PostgreSQL only): a wallet funded with 10.00
+/// by the issuer, on a clock at `T0`.
+struct Expiry {
+    _db: testkit::TestDb,
+    url: String,
+    clock: Arc<common::ManualClock>,
+    store: Store,
+    issuer: AccountId,
+    wallet: AccountId,
+}
+
+impl Expiry {
+    const T0: i64 = 1_700_000_000_000;
+
+    async fn set_up() -> Option<Expiry> {
+        let db = testkit::TestDb::fresh();
+        let payrail_store::Location::Postgres(url) = db.location.clone() else {
+            return None;
+        };
+        let clock = common::ManualClock::at(Self::T0);
+        let store = common::open_at(db.location.clone(), clock.clone()).await;
+        let a = accounts(&store, 2).await;
+        let (issuer, wallet) = (a[0], a[1]);
+        fund(&store, issuer, wallet, 1_000).await;
+        Some(Expiry {
+            _db: db,
+            url,
+            clock,
+            store,
+            issuer,
+            wallet,
+        })
+    }
+}
+
 /// PostgreSQL: the sweep's expiry skips a due reservation another
 /// transaction holds (another node's sweep, or a client posting it) instead
 /// of waiting for that batch, and voids the others. The sandbox clock's
 /// expiry waits for it, and voids it once it is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_skips_reservations_another_node_holds() {
-    const T0: i64 = 1_700_000_000_000;
-    let db = testkit::TestDb::fresh();
-    let payrail_store::Location::Postgres(url) = db.location.clone() else {
+    let Some(Expiry {
+        _db,
+        url,
+        clock,
+        store,
+        issuer,
+        wallet,
+    }) = Expiry::set_up().await
+    else {
         return; // SQLite: one writer, no row locks.
     };
-    let clock = common::ManualClock::at(T0);
-    let store = common::open_at(db.location.clone(), clock.clone()).await;
-    let a = accounts(&store, 2).await;
-    let (issuer, wallet) = (a[0], a[1]);
-    fund(&store, issuer, wallet, 1_000).await;
     let mut holds = Vec::new();
     for i in 0..3 {
         holds.push(reserve(&store, wallet, issuer, 60 + i).await);
     }
-    clock.set(T0 + 120_000);
+    clock.set(Expiry::T0 + 120_000);
     let first = holds[0].0;
-    let other = testkit::hold(&url, move |tx| {
-        let n = tx
-            .execute(
-                "SELECT 1 FROM transfers WHERE id = $1 FOR UPDATE",
-                &[&first],
-            )
-            .unwrap();
-        assert_eq!(n, 1);
-    })
+    let other = hold_transfer(
+        &url,
+        "SELECT 1 FROM transfers WHERE id = $1 FOR UPDATE",
+        first,
+    )
     .await;
     let expire = || {
         let pass = store.write(|tx| ledger::expire_due(tx, 1_000, ledger::Held::Skip));
@@ -723,28 +755,21 @@ async fn expiry_skips_reservations_another_node_holds() {
 /// not, so only the locking scan keeps this one.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_leaves_out_a_reservation_changed_while_it_waited() {
-    const T0: i64 = 1_700_000_000_000;
-    let db = testkit::TestDb::fresh();
-    let payrail_store::Location::Postgres(url) = db.location.clone() else {
+    let Some(Expiry {
+        _db,
+        url,
+        clock,
+        store,
+        issuer,
+        wallet,
+    }) = Expiry::set_up().await
+    else {
         return; // SQLite: one writer, no row locks.
     };
-    let clock = common::ManualClock::at(T0);
-    let store = common::open_at(db.location.clone(), clock.clone()).await;
-    let a = accounts(&store, 2).await;
-    let (issuer, wallet) = (a[0], a[1]);
-    fund(&store, issuer, wallet, 1_000).await;
     let id = reserve(&store, wallet, issuer, 60).await.0;
-    clock.set(T0 + 120_000);
-    let other = testkit::hold(&url, move |tx| {
-        let n = tx
-            .execute(
-                "UPDATE transfers SET expires_at = expires_at + 3600000 WHERE id = $1",
-                &[&id],
-            )
-            .unwrap();
-        assert_eq!(n, 1);
-    })
-    .await;
+    clock.set(Expiry::T0 + 120_000);
+    let sql = "UPDATE transfers SET expires_at = expires_at + 3600000 WHERE id = $1";
+    let other = hold_transfer(&url, sql, id).await;
     let pass = expire_waiting_for(&store, other).await;
     assert_eq!((pass.scanned, pass.done), (0, 0));
     let w = store
@@ -755,6 +780,15 @@ async fn expiry_leaves_out_a_reservation_changed_while_it_waited() {
     assert_eq!(w.balances.debits_pending, 100);
     verify_ok(&store).await;
     store.close().await;
+}
+
+/// Another transaction that runs `sql` on transfer `id` (one row) and
+/// holds its locks.
+async fn hold_transfer(url: &str, sql: &'static str, id: i64) -> testkit::Held {
+    testkit::hold(url, move |tx| {
+        assert_eq!(tx.execute(sql, &[&id]).unwrap(), 1);
+    })
+    .await
 }
 
 /// Runs the sandbox clock's expiry (`Held::Wait`) while `other` holds its
