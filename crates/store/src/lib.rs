@@ -253,17 +253,20 @@ struct Inner {
     queues: Vec<flume::Sender<Msg>>,
     next_queue: std::sync::atomic::AtomicUsize,
     writers: Mutex<Vec<JoinHandle<()>>>,
-    /// SQLite: the thread that syncs and answers, and its watermarks.
-    sync_thread: Mutex<Option<JoinHandle<()>>>,
+    /// SQLite: the threads that end once the writers are gone, joined in
+    /// this order: the one that syncs and answers, then the checkpointer.
+    after_writers: Mutex<Vec<JoinHandle<()>>>,
+    /// SQLite: the sync thread's watermarks.
     marks: Option<Arc<durable::Watermarks>>,
     read_permits: Arc<Semaphore>,
     /// See [`Options::max_wait`].
     max_wait: std::time::Duration,
     /// One [`Store::read_alone`] at a time.
     alone_permit: Arc<Semaphore>,
-    /// SQLite: held while the store lives, and by the checkpointer until its
-    /// last checkpoint (see `sqlite::lock_database`).
-    _lock: Option<Arc<std::fs::File>>,
+    /// SQLite: held until the store closes (or, unclosed, is dropped), and
+    /// by the checkpointer until its last checkpoint (see
+    /// `sqlite::lock_database`).
+    lock: Mutex<Option<Arc<std::fs::File>>>,
     idle_readers: Mutex<Vec<Box<dyn Conn>>>,
     connect_reader: Connect,
     sealer: Sealer,
@@ -271,6 +274,14 @@ struct Inner {
     sandbox_clock: bool,
     dialect: Dialect,
     closed: AtomicBool,
+}
+
+/// SQLite's durable pipeline, as `Store::start` takes it.
+struct SqlitePipeline {
+    syncer: durable::Syncer,
+    marks: Arc<durable::Watermarks>,
+    /// The threads that end after the writers (see `Inner::after_writers`).
+    threads: Vec<JoinHandle<()>>,
 }
 
 /// A closure queued as a unit of work, with the channel its answer goes back on.
@@ -373,12 +384,13 @@ impl Store {
                     migrate::run(&mut setup, migrate::SQLITE, opts.clock.now().millis())?;
                     check_master_key(&mut setup, &Sealer::new(&opts.master_key))?;
                 }
-                let checkpointer = Arc::new(sqlite::Checkpointer::start(
+                let (checkpointer, checkpoint_thread) = sqlite::Checkpointer::start(
                     &path,
                     sqlite::CHECKPOINT_FRAMES,
                     sqlite::WAL_BOUND_FRAMES,
                     Some(Arc::clone(&lock)),
-                )?);
+                )?;
+                let checkpointer = Arc::new(checkpointer);
                 let writer_conn = checkpointer.open_writer(&path)?;
                 let marks = durable::Watermarks::new();
                 let wal = writer_conn.wal_file()?;
@@ -403,7 +415,11 @@ impl Store {
                     vec![Some(Box::new(writer_conn) as Box<dyn Conn>)],
                     connect_writer,
                     connect_reader,
-                    Some((syncer, marks, sync_thread)),
+                    Some(SqlitePipeline {
+                        syncer,
+                        marks,
+                        threads: vec![sync_thread, checkpoint_thread],
+                    }),
                     Some(lock),
                 ))
             }
@@ -468,16 +484,16 @@ impl Store {
         writer_conns: Vec<Option<Box<dyn Conn>>>,
         connect_writer: Connect,
         connect_reader: Connect,
-        pipeline: Option<(durable::Syncer, Arc<durable::Watermarks>, JoinHandle<()>)>,
+        pipeline: Option<SqlitePipeline>,
         lock: Option<Arc<std::fs::File>>,
     ) -> Store {
-        let (pipeline, marks, sync_thread) = match pipeline {
-            Some((syncer, marks, thread)) => (
-                Some((syncer, Arc::clone(&marks))),
-                Some(marks),
-                Some(thread),
-            ),
-            None => (None, None, None),
+        let (pipeline, marks, after_writers) = match pipeline {
+            Some(SqlitePipeline {
+                syncer,
+                marks,
+                threads,
+            }) => (Some((syncer, Arc::clone(&marks))), Some(marks), threads),
+            None => (None, None, Vec::new()),
         };
         let sealer = Sealer::new(&opts.master_key);
         let cfg = Arc::new(WriterConfig {
@@ -511,12 +527,12 @@ impl Store {
                 queues,
                 next_queue: Default::default(),
                 writers: Mutex::new(handles),
-                sync_thread: Mutex::new(sync_thread),
+                after_writers: Mutex::new(after_writers),
                 marks,
                 read_permits: Arc::new(Semaphore::new(opts.readers.max(1))),
                 max_wait: opts.max_wait,
                 alone_permit: Arc::new(Semaphore::new(1)),
-                _lock: lock,
+                lock: Mutex::new(lock),
                 idle_readers: Mutex::new(Vec::new()),
                 connect_reader,
                 sealer,
@@ -747,6 +763,7 @@ impl Store {
     /// Stops taking work, commits everything already queued (unless a
     /// writer is learning a lost COMMIT's outcome: then its queue fails, as
     /// it would with the database down), and waits for the writers to finish.
+    /// Once it returns, another store may open the database.
     pub async fn close(&self) {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return;
@@ -755,18 +772,17 @@ impl Store {
             let _ = q.send_async(Msg::Stop).await;
         }
         let handles = std::mem::take(&mut *self.inner.writers.lock());
-        let sync_thread = self.inner.sync_thread.lock().take();
+        let after_writers = std::mem::take(&mut *self.inner.after_writers.lock());
         let _ = tokio::task::spawn_blocking(move || {
-            for h in handles {
-                let _ = h.join();
-            }
-            // The writers are gone, so is the syncer's queue: it answers what
-            // is left and ends.
-            if let Some(h) = sync_thread {
+            // The writers gone, so are the sync thread's queue and the
+            // checkpointer's wake-ups: the one answers what is left, the
+            // other makes its last checkpoint and lets the database go.
+            for h in handles.into_iter().chain(after_writers) {
                 let _ = h.join();
             }
         })
         .await;
+        self.inner.lock.lock().take();
     }
 }
 

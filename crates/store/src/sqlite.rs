@@ -375,13 +375,15 @@ impl Checkpointer {
     /// it adopted are gone (they hold its only senders).
     ///
     /// `lock` (see [`lock_database`]) is held until the thread's last
-    /// checkpoint is done, which may be after the store that took it is gone.
+    /// checkpoint is done. That is after the writers have gone, so a store
+    /// that closes joins the returned thread: closed, the database is free
+    /// for the next store at once.
     pub(crate) fn start(
         path: &Path,
         threshold: i32,
         bound: i32,
         lock: Option<Arc<std::fs::File>>,
-    ) -> Result<Checkpointer, DbError> {
+    ) -> Result<(Checkpointer, std::thread::JoinHandle<()>), DbError> {
         let conn = SqliteConn::open(path, Role::Checkpointer)?;
         let (kick, rx) = flume::bounded::<()>(1);
         let gauge = Arc::new(WalGauge {
@@ -392,7 +394,7 @@ impl Checkpointer {
         });
         let passes = Arc::new(AtomicU64::new(0));
         let counted = Arc::clone(&passes);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("payrail-checkpoint".into())
             .spawn(move || {
                 while rx.recv().is_ok() {
@@ -430,12 +432,13 @@ impl Checkpointer {
                 drop(lock);
             })
             .map_err(|e| DbError::other(format!("cannot start the checkpointer: {e}")))?;
-        Ok(Checkpointer {
+        let checkpointer = Checkpointer {
             kick,
             threshold,
             gauge,
             passes,
-        })
+        };
+        Ok((checkpointer, thread))
     }
 
     /// Opens a writer connection for the durable pipeline. Every writer
@@ -639,7 +642,7 @@ mod tests {
     #[test]
     fn every_writer_connection_starts_checkpoints_and_syncs_the_wal_header() {
         let (_dir, path) = table_t();
-        let checkpointer = Checkpointer::start(&path, 1, i32::MAX, None).unwrap();
+        let (checkpointer, _thread) = Checkpointer::start(&path, 1, i32::MAX, None).unwrap();
         let first = checkpointer.open_writer(&path).unwrap();
         drop(first); // as the writer does when the database reports an error
         let mut second = checkpointer.open_writer(&path).unwrap();
@@ -665,7 +668,7 @@ mod tests {
     #[test]
     fn the_wal_stays_within_its_bound_when_the_checkpointer_falls_behind() {
         let (dir, path) = table_t();
-        let checkpointer = Checkpointer::start(&path, i32::MAX, BOUND, None).unwrap();
+        let (checkpointer, _thread) = Checkpointer::start(&path, i32::MAX, BOUND, None).unwrap();
         let mut writer = checkpointer.open_writer(&path).unwrap();
         let wal = dir.path().join("t.db-wal");
         let mut largest = 0;
@@ -686,7 +689,7 @@ mod tests {
     #[test]
     fn at_the_bound_the_writer_waits_for_readers_to_leave_the_wal() {
         let (dir, path) = table_t();
-        let checkpointer = Checkpointer::start(&path, i32::MAX, BOUND, None).unwrap();
+        let (checkpointer, _thread) = Checkpointer::start(&path, i32::MAX, BOUND, None).unwrap();
         let mut writer = checkpointer.open_writer(&path).unwrap();
         commit_a_page(&mut writer);
         // A reader whose snapshot is in the WAL, held until told.
