@@ -300,6 +300,8 @@ async fn other_methods_get_405_in_the_rails_shape() {
     assert_eq!(v["status"], "FAILURE", "{v}");
     assert_eq!(v["statuscode"], "151", "{v}");
     assert_eq!(v["checksum"], "", "{v}");
+    // A debit's failures repeat its orderid.
+    assert_eq!(v["orderid"], "METHOD_0001", "{v}");
     // /checkstatus and /walletrefund answer in their own shapes.
     let r = s
         .http

@@ -602,14 +602,7 @@ impl Rail {
     pub async fn debit(&self, p: &Params) -> Reply {
         let msgcode = p.get("msgcode").to_string();
         let orderid = p.get("orderid").to_string();
-        let head = |c| {
-            let a = Answer::status(&msgcode, c);
-            if orderid.is_empty() {
-                a
-            } else {
-                a.with("orderid", orderid.clone())
-            }
-        };
+        let head = |c| Answer::debit_failure(&msgcode, c, &orderid);
         // The token flow is the seed's; real clients may debit with an OTP.
         let with_otp = p.opt("token").is_none() && p.opt("otp").is_some();
         let endpoint = if with_otp {

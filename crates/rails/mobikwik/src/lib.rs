@@ -181,12 +181,12 @@ impl Rail for MobikwikRail {
     }
 
     fn routes(&self) -> Router {
-        use wire::Shape::{Msgcode, Refund, Status};
+        use wire::Shape::{Debit, Msgcode, Refund, Status};
         Router::new()
             .route("/otpgenerate", signed(otpgenerate, Msgcode))
             .route("/tokengenerate", signed(tokengenerate, Msgcode))
             .route("/tokenregenerate", signed(tokenregenerate, Msgcode))
-            .route("/debitwallet", signed(debitwallet, Msgcode))
+            .route("/debitwallet", signed(debitwallet, Debit))
             .route("/checkstatus", signed(checkstatus, Status))
             .route("/walletrefund", signed(walletrefund, Refund))
             .route("/userbalance", signed(userbalance, Msgcode))

@@ -231,6 +231,8 @@ pub enum Shape {
     /// `statusdescription`.
     #[default]
     Msgcode,
+    /// `/debitwallet`: [`Answer::debit_failure`].
+    Debit,
     /// `/checkstatus`: [`Answer::check_status_failure`].
     Status,
     /// `/walletrefund`: [`Answer::refund`].
@@ -255,14 +257,14 @@ impl Shape {
 pub fn refusal(status: StatusCode, shape: Shape, query: Option<&str>, format: Format) -> Response {
     let p = Params::from_parts(query, b"");
     let code = Code::ParamsInvalid;
+    let msgcode = || {
+        p.opt("msgcode")
+            .filter(|m| m.len() <= 4 && m.bytes().all(|b| b.is_ascii_digit()))
+            .unwrap_or("")
+    };
     let answer = match shape {
-        Shape::Msgcode => {
-            let msgcode = p
-                .opt("msgcode")
-                .filter(|m| m.len() <= 4 && m.bytes().all(|b| b.is_ascii_digit()))
-                .unwrap_or("");
-            Answer::status(msgcode, code)
-        }
+        Shape::Msgcode => Answer::status(msgcode(), code),
+        Shape::Debit => Answer::debit_failure(msgcode(), code, p.get("orderid")),
         Shape::Status => Answer::check_status_failure(code, p.get("orderid"), p.opt("refundid")),
         Shape::Refund => Answer::refund(
             code,
@@ -427,6 +429,16 @@ impl Answer {
     /// The standard head of a msgcode API answer.
     pub fn status(msgcode: &str, code: Code) -> Answer {
         Answer::status_with(msgcode, code, code.description())
+    }
+
+    /// A `/debitwallet` failure: the head, and the orderid when one was sent.
+    pub fn debit_failure(msgcode: &str, code: Code, orderid: &str) -> Answer {
+        let a = Answer::status(msgcode, code);
+        if orderid.is_empty() {
+            a
+        } else {
+            a.with("orderid", orderid)
+        }
     }
 
     pub fn status_with(msgcode: &str, code: Code, description: impl Into<String>) -> Answer {
