@@ -474,7 +474,7 @@ async fn flags_and_environment_override_the_config_file() {
     let db = Db::fresh();
     let file = db.dir().join("payrail.toml");
     std::fs::write(&file, "sandbox = true\nadmin_token = \"\"\n").unwrap();
-    let start = |flag: Option<&'static str>, env: Option<&'static str>| {
+    let start = |flag: Option<&'static str>, env: Option<&'static str>, token: Option<&str>| {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_payrail"));
         cmd.args([
             "serve",
@@ -492,6 +492,9 @@ async fn flags_and_environment_override_the_config_file() {
         if let Some(v) = env {
             cmd.env("PAYRAIL_SANDBOX", v);
         }
+        if let Some(t) = token {
+            cmd.env("PAYRAIL_ADMIN_TOKEN", t);
+        }
         // One that starts runs for ever: the timeout turns that into a
         // failure.
         async move {
@@ -505,7 +508,7 @@ async fn flags_and_environment_override_the_config_file() {
         (None, Some("false")),
         (Some("--sandbox=false"), Some("true")),
     ] {
-        let out = start(flag, env).await;
+        let out = start(flag, env, None).await;
         assert!(
             !out.status.success(),
             "{flag:?} {env:?} started in sandbox mode"
@@ -514,13 +517,22 @@ async fn flags_and_environment_override_the_config_file() {
         let stderr = String::from_utf8(out.stderr).unwrap();
         assert!(stderr.contains("no admin token"), "{stderr}");
     }
-    // Blank is none; padded would never match the trimmed token presented.
+    // Blank is none, in the file or the environment; padded would never
+    // match the trimmed token presented.
     for (token, why) in [("  ", "no admin token"), (" tok ", "whitespace")] {
         std::fs::write(&file, format!("admin_token = \"{token}\"\n")).unwrap();
-        let out = start(None, None).await;
+        let out = start(None, None, None).await;
         assert!(!out.status.success(), "{token:?} was accepted");
         let stderr = String::from_utf8(out.stderr).unwrap();
         assert!(stderr.contains(why), "{stderr}");
+        std::fs::write(&file, "").unwrap();
+        let out = start(None, None, Some(token)).await;
+        assert!(!out.status.success(), "{token:?} was accepted");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            stderr.contains(why),
+            "PAYRAIL_ADMIN_TOKEN={token:?}: {stderr}"
+        );
     }
 }
 

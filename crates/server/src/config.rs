@@ -207,13 +207,13 @@ impl Config {
             .or(file.db)
             .unwrap_or_else(|| DEFAULT_DB.to_string());
         let db = Location::parse(&db_url).map_err(ConfigError::Invalid)?;
-        // A token of spaces is no token: the presented one is trimmed.
-        let file_token = file.admin_token.filter(|t| !t.trim().is_empty());
-        let configured_token = env("PAYRAIL_ADMIN_TOKEN").or(file_token);
-        if configured_token
-            .as_ref()
-            .is_some_and(|t| t.trim() != t || t.is_empty())
-        {
+        // A token of spaces is no token, wherever it is set: the presented
+        // one is trimmed.
+        let set = |t: &String| !t.trim().is_empty();
+        let configured_token = env("PAYRAIL_ADMIN_TOKEN")
+            .filter(set)
+            .or(file.admin_token.filter(set));
+        if configured_token.as_ref().is_some_and(|t| t.trim() != t) {
             return Err(ConfigError::Invalid(
                 "the admin token must not begin or end with whitespace".into(),
             ));
