@@ -244,8 +244,9 @@ where
 }
 
 impl Held {
-    /// Commits once `waiters` of payrail's statements wait for a lock, which
-    /// is when the race under test is set up.
+    /// Commits once `waiters` of payrail's statements wait for a lock in
+    /// this database (on this transaction, or on one that waits for it),
+    /// which is when the race under test is set up.
     pub async fn commit_once_waited_on(self, waiters: i64) {
         let url = self.url.clone();
         tokio::task::spawn_blocking(move || wait_for_lock_waiters(&url, waiters))
@@ -256,15 +257,19 @@ impl Held {
     }
 }
 
-/// Returns once `n` of payrail's statements wait for a lock (PostgreSQL).
-/// The deadline only turns a hang into a failure.
-pub fn wait_for_lock_waiters(url: &str, n: i64) {
+/// Returns once `n` of payrail's statements wait for a lock in the database
+/// at `url` (PostgreSQL). Only that database's count: tests share one
+/// cluster, each with a database of its own, and another test's lock waits
+/// would set this one off before its race was set up. The deadline only
+/// turns a hang into a failure.
+fn wait_for_lock_waiters(url: &str, n: i64) {
     let mut watch = postgres::Client::connect(url, postgres::NoTls).expect("connect");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while watch
         .query_one(
             "SELECT count(*) FROM pg_stat_activity
-              WHERE application_name = 'payrail' AND wait_event_type = 'Lock'",
+              WHERE application_name = 'payrail' AND wait_event_type = 'Lock'
+                AND datname = current_database()",
             &[],
         )
         .expect("pg_stat_activity")
@@ -275,6 +280,7 @@ pub fn wait_for_lock_waiters(url: &str, n: i64) {
             std::time::Instant::now() < deadline,
             "never {n} waiting for a lock"
         );
-        std::thread::yield_now();
+        // Not a spin: the statements awaited need the same two cores.
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
