@@ -106,50 +106,9 @@ async fn a_read_that_waits_too_long_for_a_reader_is_refused() {
     store.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn long_reads_run_one_at_a_time() {
-    let db = TestDb::fresh();
-    let store = open(&db, 4).await;
-    let (entered, is_entered) = mpsc::channel::<()>();
-    let (second_ran, saw_second) = mpsc::channel::<()>();
-    let first = tokio::spawn({
-        let store = store.clone();
-        async move {
-            store
-                .read_alone(move |_tx| {
-                    entered.send(()).unwrap();
-                    // Had the second read started beside this one, it would
-                    // have said so by now.
-                    let overlapped = saw_second.recv_timeout(Duration::from_millis(500)).is_ok();
-                    Ok::<_, StoreError>(overlapped)
-                })
-                .await
-        }
-    });
-    tokio::task::spawn_blocking(move || is_entered.recv().unwrap())
-        .await
-        .unwrap();
-    let second = tokio::spawn({
-        let store = store.clone();
-        async move {
-            store
-                .read_alone(move |_tx| {
-                    let _ = second_ran.send(());
-                    Ok::<_, StoreError>(())
-                })
-                .await
-        }
-    });
-    let (first, second) = tokio::time::timeout(HANG, async { (first.await, second.await) })
-        .await
-        .expect("both long reads finish");
-    second.unwrap().unwrap();
-    assert!(!first.unwrap().unwrap(), "two long reads ran at once");
-    store.close().await;
-}
-
-/// A long read that waits past `max_wait` for the one before it is refused,
-/// having run nothing; the next one runs once the first is done.
+/// Long reads run one at a time: one that waits past `max_wait` for the one
+/// before it is refused, having run nothing (had it run beside the first, it
+/// would have answered); the next one runs once the first is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_read_that_waits_too_long_for_its_turn_is_refused() {
     let db = TestDb::fresh();

@@ -630,9 +630,15 @@ mod tests {
         o
     }
 
-    /// Waits until `n` units wait for the writer.
+    /// Waits until `n` units wait for the writer. The deadline only turns a
+    /// hang into a failure.
     async fn queued(store: &Store, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while store.queued() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never {n} units queued"
+            );
             tokio::task::yield_now().await;
         }
     }
@@ -726,6 +732,79 @@ mod tests {
             .read(|tx| ledger::transfer_by_key(tx, "t", "paid"))
             .await
             .unwrap();
+        assert!(kept.is_some(), "a unit told it succeeded was not kept");
+        store.close().await;
+    }
+
+    /// A unit that panics is rolled back alone: the unit queued after it, in
+    /// the same batch, is kept and told so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_unit_is_rolled_back_alone() {
+        let db = TestDb::fresh();
+        let store = Store::open(one_writer(&db)).await.unwrap();
+        let (a, b) = store
+            .write(|tx| {
+                Ok::<_, LedgerOpError>((
+                    ledger::open_account(tx, "a", Currency::INR, AccountFlags::NONE)?,
+                    ledger::open_account(tx, "b", Currency::INR, AccountFlags::NONE)?,
+                ))
+            })
+            .await
+            .unwrap();
+
+        let (gate, open_tx) = hold_writer(&store).await;
+        let boom = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |tx| {
+                        ledger::transfer(
+                            tx,
+                            &ledger::single("t", "boom", a, b, Currency::INR, Money::from_minor(3)),
+                        )?;
+                        if tx.is_writable() {
+                            panic!("deliberate panic inside a unit of work");
+                        }
+                        Ok::<_, LedgerOpError>(())
+                    })
+                    .await
+            }
+        });
+        queued(&store, 1).await;
+        let fine = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |tx| {
+                        ledger::transfer(
+                            tx,
+                            &ledger::single("t", "fine", a, b, Currency::INR, Money::from_minor(4)),
+                        )
+                    })
+                    .await
+            }
+        });
+        queued(&store, 2).await;
+        open_tx.send(()).unwrap();
+
+        gate.await.unwrap().unwrap();
+        let boom = boom.await.unwrap();
+        assert!(
+            matches!(boom, Err(LedgerOpError::Store(StoreError::Internal(_)))),
+            "{boom:?}"
+        );
+        let fine = fine.await.unwrap();
+        assert!(fine.is_ok(), "{fine:?}");
+        let (boomed, kept) = store
+            .read(|tx| {
+                Ok::<_, StoreError>((
+                    ledger::transfer_by_key(tx, "t", "boom")?,
+                    ledger::transfer_by_key(tx, "t", "fine")?,
+                ))
+            })
+            .await
+            .unwrap();
+        assert!(boomed.is_none(), "the panicking unit's transfer was kept");
         assert!(kept.is_some(), "a unit told it succeeded was not kept");
         store.close().await;
     }

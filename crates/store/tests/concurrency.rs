@@ -310,64 +310,6 @@ async fn currencies_do_not_mix_and_unknown_accounts_are_refused() {
     store.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicking_unit_is_rolled_back_alone() {
-    let t = common::open().await;
-    let store = t.store.clone();
-    let a = Arc::new(accounts(&store, 3).await);
-    let b = Arc::clone(&a);
-    let boom = tokio::spawn({
-        let store = store.clone();
-        async move {
-            store
-                .write(move |tx| {
-                    ledger::transfer(
-                        tx,
-                        &ledger::single(
-                            "test",
-                            "boom",
-                            b[0],
-                            b[1],
-                            Currency::INR,
-                            Money::from_minor(3),
-                        ),
-                    )?;
-                    if tx.is_writable() {
-                        panic!("deliberate panic inside a unit of work");
-                    }
-                    Ok::<_, LedgerOpError>(())
-                })
-                .await
-        }
-    });
-    let fine = store
-        .write({
-            let a = Arc::clone(&a);
-            move |tx| {
-                ledger::transfer(
-                    tx,
-                    &ledger::single(
-                        "test",
-                        "fine",
-                        a[0],
-                        a[2],
-                        Currency::INR,
-                        Money::from_minor(4),
-                    ),
-                )
-            }
-        })
-        .await;
-    assert!(matches!(
-        boom.await.unwrap(),
-        Err(LedgerOpError::Store(StoreError::Internal(_)))
-    ));
-    assert!(fine.is_ok());
-    let v = verify_ok(&store).await;
-    assert_eq!(v.transfers, 1);
-    store.close().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn units_that_refuse_after_writing_leave_nothing_and_spoil_no_batch() {
     let t = common::open().await;

@@ -138,15 +138,31 @@ struct Model {
     keys: HashMap<u8, Recorded>,
     pendings: Vec<Pending>,
     now: i64,
+    flaw: Flaw,
+}
+
+/// A mistake planted in the model, to show that the comparison catches it.
+#[derive(Clone, Copy, PartialEq)]
+enum Flaw {
+    None,
+    /// Lets a never-negative account overdraw: the answers differ.
+    Overdraws,
+    /// Credits a transfer's amount twice: only the balances differ.
+    CreditsTwice,
 }
 
 impl Model {
     fn new() -> Model {
+        Model::with(Flaw::None)
+    }
+
+    fn with(flaw: Flaw) -> Model {
         Model {
             balances: [Balances::default(); ACCOUNTS],
             keys: HashMap::new(),
             pendings: Vec::new(),
             now: 0,
+            flaw,
         }
     }
 
@@ -181,11 +197,14 @@ impl Model {
                 if let Some(a) = self.replay(key, &rec) {
                     return a;
                 }
-                if Self::flagged(d) && self.available(d) < amount {
+                if Self::flagged(d) && self.available(d) < amount && self.flaw != Flaw::Overdraws {
                     return Answer::Refused("insufficient");
                 }
                 self.balances[d].debits_posted += amount;
                 self.balances[c].credits_posted += amount;
+                if self.flaw == Flaw::CreditsTwice {
+                    self.balances[c].credits_posted += amount;
+                }
                 self.keys.insert(key, rec);
                 Answer::Done { replayed: false }
             }
@@ -280,6 +299,10 @@ impl Model {
 }
 
 fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    run_case_with(ops, Model::new())
+}
+
+fn run_case_with(ops: Vec<Op>, mut model: Model) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -302,7 +325,6 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
             })
             .await
             .unwrap();
-        let mut model = Model::new();
         let mut pending_ids: Vec<TransferId> = Vec::new();
 
         for (step, op) in ops.iter().enumerate() {
@@ -450,17 +472,32 @@ proptest! {
     }
 }
 
+/// Guards against a harness that compares nothing: each planted flaw must
+/// fail a case the true model passes, one through the answers and one
+/// through the balances.
 #[test]
 fn the_model_test_can_fail() {
-    // Guard against a harness that compares nothing: a model that wrongly
-    // lets a never-negative account overdraw must be caught.
-    let ops = vec![Op::Single {
+    let overdraw = vec![Op::Single {
         d: 1,
         c: 2,
         amount: 100,
         key: 1,
     }];
-    let mut model = Model::new();
-    assert_eq!(model.apply(&ops[0]), Answer::Refused("insufficient"));
-    assert!(run_case(ops).is_ok());
+    assert!(run_case(overdraw.clone()).is_ok());
+    assert!(run_case_with(overdraw, Model::with(Flaw::Overdraws)).is_err());
+    // From the unflagged account 0, so the store makes the transfer too.
+    let transfer = vec![Op::Single {
+        d: 0,
+        c: 1,
+        amount: 100,
+        key: 1,
+    }];
+    assert!(run_case(transfer.clone()).is_ok());
+    let caught = run_case_with(transfer, Model::with(Flaw::CreditsTwice));
+    assert!(
+        caught
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("balances after step 0")),
+        "{caught:?}"
+    );
 }
