@@ -1156,21 +1156,13 @@ impl Refund {
         // read again under the row's lock.
         let order = db::lock_order(tx, &self.mid, &order.orderid)?
             .ok_or_else(|| StoreError::Internal("refunded order vanished".into()))?;
-        // Cashback is returned in proportion: after this refund, promotions
-        // have had back floor(refunded × cashback / amount) in total.
-        let refunded = order
-            .refunded
-            .checked_add(self.amount)
-            .unwrap_or(Money::MAX);
-        if refunded > order.amount {
+        let Some(RefundSplit {
+            wallet: wallet_part,
+            promotions: promo_part,
+        }) = refund_split(&order, self.amount)
+        else {
             return refuse(Code::RefundRefused, EXCEEDS);
-        }
-        let promo_part = refunded
-            .mul_div_floor(order.cashback, order.amount)
-            .checked_sub(order.refunded_cashback)
-            .unwrap_or(Money::ZERO)
-            .clamp(Money::ZERO, self.amount);
-        let wallet_part = self.amount.checked_sub(promo_part).unwrap_or(Money::ZERO);
+        };
         // Conditional on the totals so far: two racing refunds cannot both fit.
         if !db::add_refund_to_order(tx, &self.mid, &order.orderid, self.amount, promo_part)? {
             return refuse(Code::RefundRefused, EXCEEDS);
@@ -1204,5 +1196,114 @@ impl Refund {
             }
         }
         Ok(self.answer(Code::Ok, "Refund completed successfully", &self.refid))
+    }
+}
+
+/// Where a refund's money goes back to: the wallet, and promotions for the
+/// cashback it paid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RefundSplit {
+    wallet: Money,
+    promotions: Money,
+}
+
+/// Splits a refund of `amount` given the order's totals before it; `None`
+/// when it does not fit in what is left of the order.
+///
+/// Cashback is returned in proportion, on the running total rather than on
+/// each refund: after any refund, promotions have had back exactly
+/// floor(refunded × cashback / amount). So partial refunds round the same as
+/// one whole refund would, and a full refund returns all the cashback.
+fn refund_split(order: &OrderRow, amount: Money) -> Option<RefundSplit> {
+    let refunded = order.refunded.checked_add(amount)?;
+    if refunded > order.amount {
+        return None;
+    }
+    let promotions = refunded
+        .mul_div_floor(order.cashback, order.amount)
+        .checked_sub(order.refunded_cashback)
+        .unwrap_or(Money::ZERO)
+        .clamp(Money::ZERO, amount);
+    let wallet = amount.checked_sub(promotions).unwrap_or(Money::ZERO);
+    Some(RefundSplit { wallet, promotions })
+}
+
+#[cfg(test)]
+mod tests {
+    use payrail_core::Timestamp;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn order(amount: i64, cashback: i64) -> OrderRow {
+        OrderRow {
+            mid: "MBK9006".into(),
+            orderid: "O1".into(),
+            txnid: "T1".into(),
+            cell: "9311032820".into(),
+            amount: Money::from_minor(amount),
+            cashback: Money::from_minor(cashback),
+            coupon: None,
+            aggregated_id: None,
+            refunded: Money::ZERO,
+            refunded_cashback: Money::ZERO,
+            created_at: Timestamp::from_millis(0),
+        }
+    }
+
+    proptest! {
+        /// Any series of partial refunds: each splits into parts that are
+        /// never negative and add up to it; promotions' running total is
+        /// always floor(refunded × cashback / amount); a refund past what is
+        /// left is refused; refunded in full, the wallet has back what it
+        /// paid and promotions the whole cashback.
+        #[test]
+        fn refunds_return_cashback_in_proportion(
+            amount in 1i64..10_000_000,
+            cashback_share in 0u32..=100,
+            cuts in proptest::collection::vec(1i64..=1_000, 1..12),
+        ) {
+            // A debit's cashback is a percentage of its amount, at most all of it.
+            let cashback = amount * i64::from(cashback_share) / 100;
+            let mut o = order(amount, cashback);
+            let total: i64 = cuts.iter().sum();
+            // The cuts as refunds in proportion, the last one taking the rest.
+            let mut left = amount;
+            for (i, cut) in cuts.iter().enumerate() {
+                let part = if i + 1 == cuts.len() { left } else { (amount * cut / total).min(left) };
+                if part == 0 {
+                    continue;
+                }
+                let refund = Money::from_minor(part);
+                let split = refund_split(&o, refund).expect("a refund within the order fits");
+                prop_assert!(split.wallet >= Money::ZERO && split.promotions >= Money::ZERO);
+                prop_assert_eq!(split.wallet.checked_add(split.promotions), Some(refund));
+                o.refunded = o.refunded.checked_add(refund).unwrap();
+                o.refunded_cashback = o.refunded_cashback.checked_add(split.promotions).unwrap();
+                prop_assert_eq!(
+                    o.refunded_cashback,
+                    o.refunded.mul_div_floor(o.cashback, o.amount)
+                );
+                left -= part;
+            }
+            prop_assert_eq!(o.refunded, o.amount);
+            prop_assert_eq!(o.refunded_cashback, o.cashback);
+            prop_assert_eq!(refund_split(&o, Money::from_minor(1)), None);
+        }
+    }
+
+    #[test]
+    fn a_refund_past_what_is_left_does_not_fit() {
+        let mut o = order(10_000, 2_000);
+        o.refunded = Money::from_minor(7_500);
+        o.refunded_cashback = Money::from_minor(1_500);
+        assert_eq!(refund_split(&o, Money::from_minor(2_501)), None);
+        assert_eq!(
+            refund_split(&o, Money::from_minor(2_500)),
+            Some(RefundSplit {
+                wallet: Money::from_minor(2_000),
+                promotions: Money::from_minor(500),
+            })
+        );
     }
 }
