@@ -680,16 +680,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_read_spoils_no_sibling_in_its_batch() {
         let db = TestDb::fresh();
-        let store = Store::open(one_writer(&db)).await.unwrap();
-        let (a, b) = store
-            .write(|tx| {
-                Ok::<_, LedgerOpError>((
-                    ledger::open_account(tx, "a", Currency::INR, AccountFlags::NONE)?,
-                    ledger::open_account(tx, "b", Currency::INR, AccountFlags::NONE)?,
-                ))
-            })
-            .await
-            .unwrap();
+        let (store, a, b) = with_two_accounts(one_writer(&db)).await;
 
         // A gate unit holds the writer until both units below are queued, so
         // that they share the next batch, the writing one first.
@@ -698,12 +689,7 @@ mod tests {
             let store = store.clone();
             async move {
                 store
-                    .write(move |tx| {
-                        ledger::transfer(
-                            tx,
-                            &ledger::single("t", "paid", a, b, Currency::INR, Money::from_minor(5)),
-                        )
-                    })
+                    .write(move |tx| ledger::transfer(tx, &pay(a, b, "paid")))
                     .await
             }
         });
@@ -741,16 +727,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_unit_is_rolled_back_alone() {
         let db = TestDb::fresh();
-        let store = Store::open(one_writer(&db)).await.unwrap();
-        let (a, b) = store
-            .write(|tx| {
-                Ok::<_, LedgerOpError>((
-                    ledger::open_account(tx, "a", Currency::INR, AccountFlags::NONE)?,
-                    ledger::open_account(tx, "b", Currency::INR, AccountFlags::NONE)?,
-                ))
-            })
-            .await
-            .unwrap();
+        let (store, a, b) = with_two_accounts(one_writer(&db)).await;
 
         let (gate, open_tx) = hold_writer(&store).await;
         let boom = tokio::spawn({
@@ -758,10 +735,7 @@ mod tests {
             async move {
                 store
                     .write(move |tx| {
-                        ledger::transfer(
-                            tx,
-                            &ledger::single("t", "boom", a, b, Currency::INR, Money::from_minor(3)),
-                        )?;
+                        ledger::transfer(tx, &pay(a, b, "boom"))?;
                         if tx.is_writable() {
                             panic!("deliberate panic inside a unit of work");
                         }
@@ -775,12 +749,7 @@ mod tests {
             let store = store.clone();
             async move {
                 store
-                    .write(move |tx| {
-                        ledger::transfer(
-                            tx,
-                            &ledger::single("t", "fine", a, b, Currency::INR, Money::from_minor(4)),
-                        )
-                    })
+                    .write(move |tx| ledger::transfer(tx, &pay(a, b, "fine")))
                     .await
             }
         });
@@ -971,6 +940,11 @@ mod tests {
     async fn bounded_store(db: &TestDb) -> (Store, AccountId, AccountId) {
         let mut o = one_writer(db);
         o.max_wait = Duration::from_millis(500);
+        with_two_accounts(o).await
+    }
+
+    /// A store, and two accounts in it to move money between.
+    async fn with_two_accounts(o: Options) -> (Store, AccountId, AccountId) {
         let store = Store::open(o).await.unwrap();
         let (a, b) = store
             .write(|tx| {
