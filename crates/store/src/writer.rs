@@ -643,6 +643,17 @@ mod tests {
         }
     }
 
+    /// Queues `f` as a unit of work from a task of its own.
+    fn spawn_write<T, E, F>(store: &Store, f: F) -> tokio::task::JoinHandle<Result<T, E>>
+    where
+        F: FnMut(&mut crate::Tx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let store = store.clone();
+        tokio::spawn(async move { store.write(f).await })
+    }
+
     /// Holds the writer in a unit of its own until the sender is used, so
     /// that the units queued meanwhile share the next batch.
     async fn hold_writer(
@@ -654,17 +665,10 @@ mod tests {
         let (started_tx, started_rx) = mpsc::channel::<()>();
         let (open_tx, open_rx) = mpsc::channel::<()>();
         let (started_tx, open_rx) = (Mutex::new(started_tx), Mutex::new(open_rx));
-        let gate = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .write(move |_tx| {
-                        let _ = started_tx.lock().unwrap().send(());
-                        let _ = open_rx.lock().unwrap().recv();
-                        Ok::<_, StoreError>(())
-                    })
-                    .await
-            }
+        let gate = spawn_write(store, move |_tx| {
+            let _ = started_tx.lock().unwrap().send(());
+            let _ = open_rx.lock().unwrap().recv();
+            Ok::<_, StoreError>(())
         });
         tokio::task::spawn_blocking(move || started_rx.recv())
             .await
@@ -685,26 +689,12 @@ mod tests {
         // A gate unit holds the writer until both units below are queued, so
         // that they share the next batch, the writing one first.
         let (gate, open_tx) = hold_writer(&store).await;
-        let paid = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .write(move |tx| ledger::transfer(tx, &pay(a, b, "paid")))
-                    .await
-            }
-        });
+        let paid = spawn_write(&store, move |tx| ledger::transfer(tx, &pay(a, b, "paid")));
         queued(&store, 1).await;
-        let failed = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .write(|tx| {
-                        // The error is ignored, as a careless unit might.
-                        let _ = tx.query("SELECT no_such_column FROM accounts", &[]);
-                        Ok::<_, StoreError>(())
-                    })
-                    .await
-            }
+        let failed = spawn_write(&store, |tx| {
+            // The error is ignored, as a careless unit might.
+            let _ = tx.query("SELECT no_such_column FROM accounts", &[]);
+            Ok::<_, StoreError>(())
         });
         queued(&store, 2).await;
         open_tx.send(()).unwrap();
@@ -730,29 +720,15 @@ mod tests {
         let (store, a, b) = with_two_accounts(one_writer(&db)).await;
 
         let (gate, open_tx) = hold_writer(&store).await;
-        let boom = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .write(move |tx| {
-                        ledger::transfer(tx, &pay(a, b, "boom"))?;
-                        if tx.is_writable() {
-                            panic!("deliberate panic inside a unit of work");
-                        }
-                        Ok::<_, LedgerOpError>(())
-                    })
-                    .await
+        let boom = spawn_write(&store, move |tx| {
+            ledger::transfer(tx, &pay(a, b, "boom"))?;
+            if tx.is_writable() {
+                panic!("deliberate panic inside a unit of work");
             }
+            Ok::<_, LedgerOpError>(())
         });
         queued(&store, 1).await;
-        let fine = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .write(move |tx| ledger::transfer(tx, &pay(a, b, "fine")))
-                    .await
-            }
-        });
+        let fine = spawn_write(&store, move |tx| ledger::transfer(tx, &pay(a, b, "fine")));
         queued(&store, 2).await;
         open_tx.send(()).unwrap();
 
@@ -792,16 +768,9 @@ mod tests {
             .unwrap();
 
         let (gate, open_tx) = hold_writer(&store).await;
-        let moved = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .write(|tx| {
-                        crate::sandbox::advance_clock(tx, 86_400)?;
-                        Err::<(), _>(StoreError::Internal("refused after the move".into()))
-                    })
-                    .await
-            }
+        let moved = spawn_write(&store, |tx| {
+            crate::sandbox::advance_clock(tx, 86_400)?;
+            Err::<(), _>(StoreError::Internal("refused after the move".into()))
         });
         queued(&store, 1).await;
         let next = tokio::spawn({
@@ -905,14 +874,7 @@ mod tests {
         let (store, a, b) = bounded_store(&db).await;
 
         let (gate, open_tx) = hold_writer(&store).await;
-        let paid = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .write(move |tx| ledger::transfer(tx, &pay(a, b, "paid")))
-                    .await
-            }
-        });
+        let paid = spawn_write(&store, move |tx| ledger::transfer(tx, &pay(a, b, "paid")));
         queued(&store, 1).await;
         // After `paid` in the batch: takes longer than max_wait, then fails
         // after writing, so `paid` runs again past max_wait.
