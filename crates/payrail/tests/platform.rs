@@ -1049,6 +1049,84 @@ async fn graceful_shutdown_keeps_every_answered_write_and_restart_duplicates_not
     );
 }
 
+/// Requests the server has begun to read when SIGTERM arrives are finished,
+/// answered and kept: shutdown stops accepting connections, then drains
+/// those in flight before closing the store. Each request here has sent its
+/// head and half its body before the signal and the rest only once the
+/// server has said it stopped accepting, so it is in flight for certain.
+#[tokio::test]
+async fn requests_in_flight_at_sigterm_are_answered_and_kept() {
+    use payrail_mobikwik::client::Debit;
+    use payrail_mobikwik::fixtures::{TOKEN, TOKEN_CELL};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const N: usize = 4;
+    let s = Server::start().await;
+    let c = s.client();
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut conns = Vec::new();
+    for i in 0..N {
+        let orderid = format!("DRAIN_ORDER_{i:02}");
+        let body = c
+            .debit_request(&Debit::new(TOKEN_CELL, "10.00", &orderid, TOKEN))
+            .encoded();
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (first, rest) = body.split_at(body.len() / 2);
+        let head = format!(
+            "POST /debitwallet HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(first.as_bytes()).await.unwrap();
+        conns.push((orderid, conn, rest.to_string()));
+    }
+    // Wait until the server has read all N heads and is waiting for their
+    // bodies (the scrape counts itself).
+    let reading = || async { s.gauge("payrail_http_requests_in_flight").await == N as u64 + 1 };
+    support::wait_until("the server never read the requests' heads", reading).await;
+
+    s.sigterm();
+    let stopped = || async { s.log_text().contains("stopped accepting") };
+    support::wait_until("the server never stopped accepting", stopped).await;
+    // The listener is closed before that line is logged: nothing new gets in.
+    assert!(
+        tokio::net::TcpStream::connect(&addr).await.is_err(),
+        "a new connection was accepted after shutdown began"
+    );
+
+    let mut answered = Vec::new();
+    for (orderid, mut conn, rest) in conns {
+        conn.write_all(rest.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        // The server closes the connection after the answer, as it shuts down.
+        tokio::time::timeout(Duration::from_secs(20), conn.read_to_string(&mut answer))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        assert!(
+            answer.contains("\"status\":\"SUCCESS\"") && answer.contains(&orderid),
+            "{answer:?}"
+        );
+        answered.push(orderid);
+    }
+    let (exit, db) = s.exited().await;
+    assert!(exit.success(), "{exit:?}");
+
+    let s = Server::start_on(db).await;
+    let c = s.client();
+    for orderid in &answered {
+        let st = c.check_status(orderid).await.unwrap();
+        assert_eq!(
+            (st.statuscode(), st.get("amount")),
+            ("0", "10.00"),
+            "{st:?}"
+        );
+    }
+    assert_eq!(s.wallet_balance(TOKEN_CELL).await, "9960.00");
+    s.verify_ok().await;
+}
+
 #[tokio::test]
 async fn no_secret_reaches_the_log_or_the_database() {
     let s = Server::start().await;

@@ -99,10 +99,29 @@ fn status_label(s: StatusCode) -> &'static str {
     }
 }
 
+/// Takes a request off `payrail_http_requests_in_flight` however it ends:
+/// answered, or unwound by a panic. (A client closing its connection does
+/// not cancel a request, and a drain that times out aborts nothing.)
+struct InFlight(&'static metrics::Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 /// Per request: an id (echoed as `x-request-id`, and on every log line the
-/// request causes), a count by route and status, and a latency observation.
+/// request causes), a count by route and status, a latency observation, and
+/// a gauge of requests in flight (what a shutdown's drain waits for; a
+/// scrape of `/metrics` counts itself).
 pub async fn observe(req: Request, next: Next) -> Response {
     let started = Instant::now();
+    // Looked up once, not per request: `init_metrics` installs the recorder
+    // before the first request is served.
+    static GAUGE: std::sync::OnceLock<metrics::Gauge> = std::sync::OnceLock::new();
+    let in_flight =
+        InFlight(GAUGE.get_or_init(|| metrics::gauge!("payrail_http_requests_in_flight")));
+    in_flight.0.increment(1.0);
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -118,5 +137,6 @@ pub async fn observe(req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
+    drop(in_flight);
     resp
 }

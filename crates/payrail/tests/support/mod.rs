@@ -167,12 +167,22 @@ impl Server {
     }
 
     /// SIGTERM, and the exit status once the server has shut down.
-    pub async fn terminate(mut self) -> (std::process::ExitStatus, Db) {
+    pub async fn terminate(self) -> (std::process::ExitStatus, Db) {
+        self.sigterm();
+        self.exited().await
+    }
+
+    /// Sends SIGTERM and returns without waiting for the server to act on it.
+    pub fn sigterm(&self) {
         let status = std::process::Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()
             .expect("kill -TERM");
         assert!(status.success());
+    }
+
+    /// Waits for the process to exit by itself: its status.
+    pub async fn exited(mut self) -> (std::process::ExitStatus, Db) {
         let exit = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
             .await
             .expect("payrail did not stop within 60s after SIGTERM")
@@ -217,6 +227,11 @@ impl Server {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(v["ok"], json!(true), "ledger verification failed: {v}");
         v
+    }
+
+    /// A gauge without labels from `/metrics`, as a whole number.
+    pub async fn gauge(&self, name: &str) -> u64 {
+        self.counter(name).await
     }
 
     /// A counter without labels from `/metrics`; 0 while nothing counted it.
