@@ -1,8 +1,11 @@
-//! Durability under SIGKILL: a child process writes units of work (two
-//! transfers each) as fast as it can and prints each one's number once the
-//! store has acknowledged it. The parent kills it at a random moment, reopens
-//! the database and checks that every acknowledged unit is there, that no unit
-//! is there by half, and that the ledger verifies.
+//! Durability under SIGKILL: a child process writes units of work as fast as
+//! it can and prints each one's number once the store has acknowledged it.
+//! A unit funds a wallet and reserves the same amount for the merchant; two
+//! units in three then resolve the reservation in the same unit, by a
+//! partial post or a void. The parent kills the child at a random moment,
+//! reopens the database and checks that every acknowledged unit is there,
+//! that no unit is there by part, that each reservation stands where its
+//! unit left it, and that the ledger verifies.
 
 mod common;
 
@@ -10,7 +13,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use payrail_core::{AccountFlags, Currency, Money, SystemClock};
+use payrail_core::{
+    AccountFlags, Currency, Money, PendingState, SystemClock, TransferOp, TransferRequest,
+};
 use payrail_store::ledger::{self, LedgerOpError};
 use payrail_store::testkit::TestDb;
 use payrail_store::{Location, Store, StoreError};
@@ -79,16 +84,36 @@ fn crash_child() {
                                     amt,
                                 ),
                             )?;
+                            let reserved = ledger::transfer(
+                                tx,
+                                &TransferRequest {
+                                    scope: "crash".into(),
+                                    key: format!("u{i}:b"),
+                                    op: TransferOp::Reserve {
+                                        debit: w,
+                                        credit: *merchant,
+                                        currency: Currency::INR,
+                                        amount: amt,
+                                        timeout: None,
+                                    },
+                                },
+                            )?;
+                            let pending = reserved.record.id;
+                            let resolve = match resolution(i) {
+                                PendingState::Posted => TransferOp::Post {
+                                    pending,
+                                    amount: amt.checked_sub(Money::from_minor(1)).unwrap(),
+                                },
+                                PendingState::Voided => TransferOp::Void { pending },
+                                _ => return Ok(()),
+                            };
                             ledger::transfer(
                                 tx,
-                                &ledger::single(
-                                    "crash",
-                                    format!("u{i}:b"),
-                                    w,
-                                    *merchant,
-                                    Currency::INR,
-                                    amt,
-                                ),
+                                &TransferRequest {
+                                    scope: "crash".into(),
+                                    key: format!("u{i}:c"),
+                                    op: resolve,
+                                },
                             )?;
                             Ok::<_, LedgerOpError>(())
                         })
@@ -103,6 +128,24 @@ fn crash_child() {
             let _ = w.await;
         }
     });
+}
+
+/// Where unit `i` leaves its reservation.
+fn resolution(i: u64) -> PendingState {
+    match i % 3 {
+        0 => PendingState::Pending,
+        1 => PendingState::Posted,
+        _ => PendingState::Voided,
+    }
+}
+
+/// The keys of unit `i`'s transfers.
+fn keys(i: u64) -> Vec<String> {
+    let mut keys = vec![format!("u{i}:a"), format!("u{i}:b")];
+    if resolution(i) != PendingState::Pending {
+        keys.push(format!("u{i}:c"));
+    }
+    keys
 }
 
 #[test]
@@ -157,30 +200,44 @@ fn acknowledged_work_survives_sigkill() {
         rt.block_on(async {
             let store: Store = common::open_at(db.location.clone(), Arc::new(SystemClock)).await;
             let acked_count = acked.len();
-            let (missing, halves, units, verification) = store
+            let (missing, partial, misplaced, transfers, verification) = store
                 .read(move |tx| {
                     let mut missing = Vec::new();
                     for i in &acked {
-                        for half in ["a", "b"] {
-                            if ledger::transfer_by_key(tx, "crash", &format!("u{i}:{half}"))?
-                                .is_none()
-                            {
-                                missing.push(format!("u{i}:{half}"));
+                        for key in keys(*i) {
+                            if ledger::transfer_by_key(tx, "crash", &key)?.is_none() {
+                                missing.push(key);
                             }
                         }
                     }
                     let v = ledger::verify(tx)?;
-                    // Every unit present is present whole: transfers come in pairs.
-                    let mut halves = Vec::new();
-                    let units = (v.transfers) / 2;
-                    for i in 0..(units as u64 + 64) {
-                        let a = ledger::transfer_by_key(tx, "crash", &format!("u{i}:a"))?.is_some();
-                        let b = ledger::transfer_by_key(tx, "crash", &format!("u{i}:b"))?.is_some();
-                        if a != b {
-                            halves.push(i);
+                    // Every unit present is present whole, its reservation
+                    // where the unit left it; the units present account for
+                    // every transfer there is.
+                    let (mut partial, mut misplaced, mut transfers) = (Vec::new(), Vec::new(), 0);
+                    for i in 0..(v.transfers as u64 + 64) {
+                        let mut present = Vec::new();
+                        for key in keys(i) {
+                            present.push(ledger::transfer_by_key(tx, "crash", &key)?);
+                        }
+                        if present.iter().all(Option::is_none) {
+                            continue;
+                        }
+                        if present.iter().any(Option::is_none) {
+                            partial.push(i);
+                            continue;
+                        }
+                        transfers += present.len() as i64;
+                        let reservation = present[1].as_ref().unwrap();
+                        // A post takes all but a cent of what was reserved.
+                        let posted_right = resolution(i) != PendingState::Posted
+                            || present[2].as_ref().unwrap().amount
+                                == present[0].as_ref().unwrap().amount.checked_sub(Money::from_minor(1)).unwrap();
+                        if reservation.state != resolution(i) || !posted_right {
+                            misplaced.push((i, reservation.state));
                         }
                     }
-                    Ok::<_, StoreError>((missing, halves, v.transfers, v))
+                    Ok::<_, StoreError>((missing, partial, misplaced, transfers, v))
                 })
                 .await
                 .unwrap();
@@ -189,11 +246,20 @@ fn acknowledged_work_survives_sigkill() {
                 "round {round}: acknowledged but lost: {missing:?}"
             );
             assert!(
-                halves.is_empty(),
-                "round {round}: half-written units {halves:?}"
+                partial.is_empty(),
+                "round {round}: partly written units {partial:?}"
             );
-            assert_eq!(units % 2, 0, "round {round}: odd number of transfers");
-            assert!(units as usize >= 2 * acked_count, "round {round}");
+            assert!(
+                misplaced.is_empty(),
+                "round {round}: {} reservations not where (or not for what) their unit left them, first {:?}",
+                misplaced.len(),
+                &misplaced[..misplaced.len().min(10)]
+            );
+            assert_eq!(
+                transfers, verification.transfers,
+                "round {round}: transfers no unit accounts for"
+            );
+            assert!(transfers as usize >= 2 * acked_count, "round {round}");
             assert!(
                 verification.ok(),
                 "round {round}: {:?}",
