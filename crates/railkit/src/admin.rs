@@ -386,4 +386,74 @@ mod tests {
             assert!(serde_json::from_str::<Body>(bad).is_err(), "{bad}");
         }
     }
+
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Typed {
+        cell: u32,
+        secret: String,
+    }
+
+    use proptest::prelude::*;
+
+    /// `kept` is `head` and then serde's " at line 1 column N", nothing else.
+    fn only_the_position_follows(kept: &str, head: &str) -> bool {
+        kept.strip_prefix(head)
+            .and_then(|rest| rest.strip_prefix(" at line 1 column "))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    }
+
+    proptest! {
+        /// Every amount up to the maximum, as a string or as a bare JSON
+        /// number, with two, one or no decimals, arrives exact: the parser
+        /// reads the number's text and never a float (0.07 or 1234567.89
+        /// would not survive one).
+        #[test]
+        fn every_amount_arrives_exact_as_string_or_number(minor in 0..=Money::MAX.minor()) {
+            let cents = minor % 100;
+            let mut forms = vec![Money::from_minor(minor).to_string()];
+            if cents % 10 == 0 {
+                forms.push(format!("{}.{}", minor / 100, cents / 10));
+            }
+            if cents == 0 {
+                forms.push((minor / 100).to_string());
+            }
+            for text in forms {
+                for json in [format!(r#"{{"amount":"{text}"}}"#), format!(r#"{{"amount":{text}}}"#)] {
+                    let b: Body = serde_json::from_str(&json).map_err(|e| TestCaseError::fail(format!("{json}: {e}")))?;
+                    prop_assert_eq!(b.amount, Money::from_minor(minor), "{}", json);
+                }
+            }
+        }
+
+        /// Whatever stands where an amount goes, deserializing never panics,
+        /// and what it accepts is an amount in range whose canonical text
+        /// parses back to it.
+        #[test]
+        fn any_amount_value_is_refused_or_exact(value in prop_oneof![
+            "[-+0-9.eE]{0,16}".prop_map(|t| t),
+            "[-+0-9.eE]{0,16}".prop_map(|t| format!("\"{t}\"")),
+            "\\PC{0,12}".prop_map(|t| serde_json::to_string(&t).unwrap()),
+        ]) {
+            let json = format!(r#"{{"amount":{value}}}"#);
+            if let Ok(b) = serde_json::from_str::<Body>(&json) {
+                prop_assert!(b.amount.minor() >= 0 && b.amount <= Money::MAX, "{}", json);
+                prop_assert_eq!(Money::parse(&b.amount.to_string()), Ok(b.amount));
+            }
+        }
+
+        /// A value sent in the wrong shape, whatever its characters (quotes,
+        /// backslashes and backticks included), is cut out of serde's
+        /// message: only the kind and what was expected remain.
+        #[test]
+        fn a_misplaced_value_never_reaches_the_message(secret in "\\PC{1,40}", digits in "[1-9][0-9]{0,17}") {
+            let json = format!(r#"{{"cell":{},"secret":"x"}}"#, serde_json::to_string(&secret).unwrap());
+            let message = format!("cell: {}", serde_json::from_str::<Typed>(&json).unwrap_err());
+            prop_assert!(only_the_position_follows(&without_values(&message), "cell: invalid type: string …, expected u32"));
+
+            let json = format!(r#"{{"cell":1,"secret":{digits}}}"#);
+            let message = format!("secret: {}", serde_json::from_str::<Typed>(&json).unwrap_err());
+            prop_assert!(only_the_position_follows(&without_values(&message), "secret: invalid type: integer …, expected a string"));
+        }
+    }
 }
