@@ -270,6 +270,7 @@ pub fn percent<'de, D: Deserializer<'de>>(d: D) -> Result<Percent, D::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     /// A log writer the test can read back.
     #[derive(Clone, Default)]
@@ -388,13 +389,11 @@ mod tests {
     }
 
     #[derive(Deserialize, Debug)]
-    #[allow(dead_code)]
+    #[expect(dead_code, reason = "only deserialized, to make serde's messages")]
     struct Typed {
         cell: u32,
         secret: String,
     }
-
-    use proptest::prelude::*;
 
     /// `kept` is `head` and then serde's " at line 1 column N", nothing else.
     fn only_the_position_follows(kept: &str, head: &str) -> bool {
@@ -403,42 +402,73 @@ mod tests {
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     }
 
+    /// `digits[.d[d]]`: the only amount text there is.
+    fn amount_grammar(text: &str) -> bool {
+        let (int, frac) = text
+            .split_once('.')
+            .map_or((text, None), |(i, f)| (i, Some(f)));
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        digits(int) && frac.is_none_or(|f| digits(f) && f.len() <= 2)
+    }
+
+    #[test]
+    fn texts_only_a_float_would_take_are_refused() {
+        // Each is the same number as an accepted amount once read into an
+        // f64; read as text they have too many decimals.
+        for text in ["1.000", "0.070", "1.0000000000000001", "150.500"] {
+            for json in [
+                format!(r#"{{"amount":"{text}"}}"#),
+                format!(r#"{{"amount":{text}}}"#),
+            ] {
+                assert!(serde_json::from_str::<Body>(&json).is_err(), "{json}");
+            }
+        }
+    }
+
     proptest! {
-        /// Every amount up to the maximum, as a string or as a bare JSON
-        /// number, with two, one or no decimals, arrives exact: the parser
-        /// reads the number's text and never a float (0.07 or 1234567.89
-        /// would not survive one).
+        /// Every amount, as a string or as a bare JSON number, with two, one
+        /// or no decimals, arrives as exactly that many hundredths. Small
+        /// amounts, where the cents are most of the value, are drawn as
+        /// often as large ones.
         #[test]
-        fn every_amount_arrives_exact_as_string_or_number(minor in 0..=Money::MAX.minor()) {
-            let cents = minor % 100;
-            let mut forms = vec![Money::from_minor(minor).to_string()];
+        fn every_amount_arrives_exact_as_string_or_number(
+            units in prop_oneof![0..=100i64, 0..=Money::MAX.minor() / 100],
+            cents in 0..100i64,
+        ) {
+            let minor = units * 100 + cents;
+            let mut forms = vec![format!("{units}.{cents:02}")];
             if cents % 10 == 0 {
-                forms.push(format!("{}.{}", minor / 100, cents / 10));
+                forms.push(format!("{units}.{}", cents / 10));
             }
             if cents == 0 {
-                forms.push((minor / 100).to_string());
+                forms.push(units.to_string());
             }
             for text in forms {
                 for json in [format!(r#"{{"amount":"{text}"}}"#), format!(r#"{{"amount":{text}}}"#)] {
-                    let b: Body = serde_json::from_str(&json).map_err(|e| TestCaseError::fail(format!("{json}: {e}")))?;
+                    let b: Body = serde_json::from_str(&json)
+                        .map_err(|e| TestCaseError::fail(format!("{json}: {e}")))?;
                     prop_assert_eq!(b.amount, Money::from_minor(minor), "{}", json);
                 }
             }
         }
 
-        /// Whatever stands where an amount goes, deserializing never panics,
-        /// and what it accepts is an amount in range whose canonical text
-        /// parses back to it.
+        /// Whatever stands where an amount goes, deserializing never panics;
+        /// it accepts only text in the amount's grammar, as exactly what that
+        /// text says; and a string is accepted whenever the text is an amount.
         #[test]
-        fn any_amount_value_is_refused_or_exact(value in prop_oneof![
-            "[-+0-9.eE]{0,16}".prop_map(|t| t),
-            "[-+0-9.eE]{0,16}".prop_map(|t| format!("\"{t}\"")),
-            "\\PC{0,12}".prop_map(|t| serde_json::to_string(&t).unwrap()),
-        ]) {
+        fn any_amount_value_is_refused_or_exact(
+            text in prop_oneof!["[-+0-9.eE]{0,16}", "[0-9]{1,14}(\\.[0-9]{0,4})?", "\\PC{0,12}"],
+            quoted in any::<bool>(),
+        ) {
+            let value = if quoted { serde_json::to_string(&text).unwrap() } else { text.clone() };
             let json = format!(r#"{{"amount":{value}}}"#);
-            if let Ok(b) = serde_json::from_str::<Body>(&json) {
-                prop_assert!(b.amount.minor() >= 0 && b.amount <= Money::MAX, "{}", json);
-                prop_assert_eq!(Money::parse(&b.amount.to_string()), Ok(b.amount));
+            match serde_json::from_str::<Body>(&json) {
+                Ok(b) => {
+                    prop_assert!(amount_grammar(&text), "{} accepted", json);
+                    prop_assert_eq!(Money::parse(&text), Ok(b.amount), "{}", json);
+                }
+                Err(_) if quoted => prop_assert!(Money::parse(&text).is_err(), "{} refused", json),
+                Err(_) => {}
             }
         }
 
@@ -446,14 +476,23 @@ mod tests {
         /// backslashes and backticks included), is cut out of serde's
         /// message: only the kind and what was expected remain.
         #[test]
-        fn a_misplaced_value_never_reaches_the_message(secret in "\\PC{1,40}", digits in "[1-9][0-9]{0,17}") {
+        fn a_misplaced_value_never_reaches_the_message(
+            secret in "\\PC{1,40}",
+            digits in "[1-9][0-9]{0,17}",
+        ) {
             let json = format!(r#"{{"cell":{},"secret":"x"}}"#, serde_json::to_string(&secret).unwrap());
             let message = format!("cell: {}", serde_json::from_str::<Typed>(&json).unwrap_err());
-            prop_assert!(only_the_position_follows(&without_values(&message), "cell: invalid type: string …, expected u32"));
+            let kept = without_values(&message);
+            prop_assert!(only_the_position_follows(&kept, "cell: invalid type: string …, expected u32"), "{}", kept);
 
             let json = format!(r#"{{"cell":1,"secret":{digits}}}"#);
             let message = format!("secret: {}", serde_json::from_str::<Typed>(&json).unwrap_err());
-            prop_assert!(only_the_position_follows(&without_values(&message), "secret: invalid type: integer …, expected a string"));
+            let kept = without_values(&message);
+            prop_assert!(
+                only_the_position_follows(&kept, "secret: invalid type: integer …, expected a string"),
+                "{}",
+                kept
+            );
         }
     }
 }

@@ -169,6 +169,7 @@ pub(crate) fn plain_remote_hosts(url: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn modes_map_to_what_the_driver_knows() {
@@ -254,79 +255,86 @@ mod tests {
         assert!(plain_remote_hosts("postgres://u@%2Frun%2Fpostgresql/d").is_empty());
     }
 
-    mod properties {
-        use super::super::*;
-        use proptest::prelude::*;
+    fn param() -> impl Strategy<Value = String> {
+        // Keys and values with the URL's own delimiters percent-encoded,
+        // as a client writes them; '+' and '%XX' must survive as sent.
+        ("[a-z_]{1,12}", "([a-zA-Z0-9+._-]|%2[0-9A-F]|%40|%3F){0,10}")
+            .prop_filter("not a TLS key", |(k, _)| {
+                k != "sslmode" && k != "sslrootcert"
+            })
+            .prop_map(|(k, v)| format!("{k}={v}"))
+    }
 
-        fn param() -> impl Strategy<Value = String> {
-            // Keys and values with the URL's own delimiters percent-encoded,
-            // as a client writes them; '+' and '%XX' must survive as sent.
-            ("[a-z_]{1,12}", "([a-zA-Z0-9+._-]|%2[0-9A-F]|%40|%3F){0,10}")
-                .prop_filter("not a TLS key", |(k, _)| {
-                    k != "sslmode" && k != "sslrootcert"
-                })
-                .prop_map(|(k, v)| format!("{k}={v}"))
+    proptest! {
+        /// Whatever the URL, `secure` and the start-up's warning answer
+        /// without panicking: any text, and URLs that reach the driver's
+        /// own parser with odd hosts, ports and parameters.
+        #[test]
+        fn any_url_is_answered(
+            url in prop_oneof![
+                "\\PC{0,80}",
+                "postgres(ql)?://([a-z:?@]{0,8}@)?[a-z0-9.:\\[\\]%/,-]{0,24}(/[a-z]{0,6})?(\\?[a-z_=&%?@.-]{0,30})?",
+            ],
+        ) {
+            let _ = secure(&url);
+            let _ = plain_remote_hosts(&url);
         }
 
-        proptest! {
-            /// Whatever the URL, `secure` answers without panicking.
-            #[test]
-            fn any_url_is_answered(url in "\\PC{0,80}") {
-                let _ = secure(&url);
-                let _ = plain_remote_hosts(&url);
+        /// Wherever the TLS settings stand among other parameters, and
+        /// whatever the password holds ('?', '&', even "sslmode=disable"),
+        /// the other parameters reach the driver as sent and in order,
+        /// the driver sees exactly one sslmode it knows and never
+        /// sslrootcert, and a verified mode always gets TLS.
+        #[test]
+        fn tls_settings_are_taken_out_and_the_rest_kept(
+            password in "[a-z?&=]{0,6}(sslmode=disable)?",
+            before in proptest::collection::vec(param(), 0..4),
+            after in proptest::collection::vec(param(), 0..4),
+            mode in proptest::option::of(prop_oneof![
+                Just("disable"), Just("prefer"), Just("require"), Just("verify-ca"), Just("verify-full"),
+            ]),
+            system_root in any::<bool>(),
+        ) {
+            let base = format!("postgres://u:{password}@db.example/d");
+            let mut params = before.clone();
+            if let Some(mode) = mode {
+                params.push(format!("sslmode={mode}"));
             }
-
-            /// Wherever the TLS settings stand among other parameters, and
-            /// whatever the password holds ('?', '&', even "sslmode=disable"),
-            /// the other parameters reach the driver as sent and in order,
-            /// the driver sees exactly one sslmode it knows and never
-            /// sslrootcert, and a verified mode always gets TLS.
-            #[test]
-            fn tls_settings_are_taken_out_and_the_rest_kept(
-                password in "[a-z?&=]{0,6}(sslmode=disable)?",
-                before in proptest::collection::vec(param(), 0..4),
-                after in proptest::collection::vec(param(), 0..4),
-                mode in proptest::option::of(prop_oneof![
-                    Just("disable"), Just("prefer"), Just("require"), Just("verify-ca"), Just("verify-full"),
-                ]),
-                system_root in any::<bool>(),
-            ) {
-                let base = format!("postgres://u:{password}@db.example/d");
-                let mut params = before.clone();
-                if let Some(mode) = mode {
-                    params.push(format!("sslmode={mode}"));
-                }
-                if system_root {
-                    params.push("sslrootcert=system".into());
-                }
-                params.extend(after.iter().cloned());
-                let url = if params.is_empty() { base.clone() } else { format!("{base}?{}", params.join("&")) };
-
-                let secured = secure(&url).map_err(|e| TestCaseError::fail(format!("{url}: {e}")))?;
-                let wants_tls = match mode {
-                    Some("disable") => false,
-                    Some(_) => true,
-                    None => system_root,
-                };
-                prop_assert_eq!(secured.tls.is_some(), wants_tls, "{}", url);
-                let kept: Vec<String> = before.iter().chain(&after).cloned().collect();
-                let driver_mode = match (mode, wants_tls) {
-                    (None, false) => None,
-                    (Some("prefer"), _) => Some("sslmode=prefer"),
-                    (_, true) => Some("sslmode=require"),
-                    (Some(_), false) => Some("sslmode=disable"),
-                };
-                let expected = match driver_mode {
-                    None => url.clone(),
-                    Some(m) => {
-                        let mut all = kept.clone();
-                        all.push(m.to_string());
-                        format!("{base}?{}", all.join("&"))
-                    }
-                };
-                prop_assert_eq!(&secured.url, &expected);
-                prop_assert!(!secured.url.contains("sslrootcert"), "{}", secured.url);
+            if system_root {
+                params.push("sslrootcert=system".into());
             }
+            params.extend(after.iter().cloned());
+            let url = if params.is_empty() { base.clone() } else { format!("{base}?{}", params.join("&")) };
+
+            let secured = secure(&url).map_err(|e| TestCaseError::fail(format!("{url}: {e}")))?;
+            let wants_tls = match mode {
+                Some("disable") => false,
+                Some(_) => true,
+                None => system_root,
+            };
+            prop_assert_eq!(secured.tls.is_some(), wants_tls, "{}", url);
+            let kept: Vec<String> = before.iter().chain(&after).cloned().collect();
+            let driver_mode = match (mode, wants_tls) {
+                (None, false) => None,
+                (Some("prefer"), _) => Some("sslmode=prefer"),
+                (_, true) => Some("sslmode=require"),
+                (Some(_), false) => Some("sslmode=disable"),
+            };
+            let expected = match driver_mode {
+                None => url.clone(),
+                Some(m) => {
+                    let mut all = kept.clone();
+                    all.push(m.to_string());
+                    format!("{base}?{}", all.join("&"))
+                }
+            };
+            prop_assert_eq!(&secured.url, &expected);
+            let query = secured.url.split_once("@db.example/d").map_or("", |(_, q)| q);
+            prop_assert!(
+                !query.trim_start_matches('?').split('&').any(|p| p.starts_with("sslrootcert=")),
+                "{}",
+                secured.url
+            );
         }
     }
 
