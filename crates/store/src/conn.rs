@@ -189,6 +189,13 @@ pub enum Control {
     ReleaseAndSavepoint,
     /// Undo everything since the savepoint; the savepoint stays set.
     RollbackToSavepoint,
+    /// A savepoint inside a unit, around one step the unit can go on
+    /// without (see `Tx::isolated`).
+    StepSavepoint,
+    /// Keep the step's work and drop its savepoint.
+    StepRelease,
+    /// Undo the step's work and drop its savepoint.
+    StepRollback,
 }
 
 /// A connection to one engine. Used from one thread at a time.

@@ -632,41 +632,24 @@ pub fn expire_due(tx: &mut Tx<'_>, limit: i64, held: Held) -> Result<Pass, Store
     let scanned = due.len();
     let mut expired = 0;
     for row in due {
-        let pending = transfer_from_row(&row)?;
-        let id = pending.id;
+        // One reservation that cannot be voided, whatever the reason, must
+        // not keep the others from expiring: it sorts first on every pass,
+        // and its failure would otherwise undo the whole unit each time. It
+        // stays pending, and is logged and counted on every pass.
+        let pending = match transfer_from_row(&row) {
+            Ok(p) => p,
+            Err(e) => {
+                unvoidable(row.int(0).unwrap_or_default(), &e);
+                continue;
+            }
+        };
         if pending.state != PendingState::Pending {
             continue; // the WHERE leaves these out
         }
-        let req = TransferRequest {
-            scope: EXPIRY_SCOPE.into(),
-            key: id.0.to_string(),
-            op: TransferOp::Void { pending: id },
-        };
-        let inserted = insert_transfer(
-            tx,
-            &req,
-            TransferKind::Expire,
-            pending.debit,
-            pending.credit,
-            pending.currency,
-            pending.amount,
-            Some(id),
-            None,
-            None,
-        )
-        .map_err(|e| match e {
-            LedgerOpError::Store(s) => s,
-            LedgerOpError::Rejected(r) => StoreError::Internal(r.to_string()),
-        })?;
-        if inserted.is_some() {
-            settle_pending(
-                tx,
-                &pending,
-                TransferKind::Expire,
-                PendingState::Expired,
-                Money::ZERO,
-            )?;
-            expired += 1;
+        match tx.isolated(|tx| void_expired(tx, &pending))? {
+            Ok(true) => expired += 1,
+            Ok(false) => {}
+            Err(e) => unvoidable(pending.id.0, &e),
         }
     }
     Ok(Pass {
@@ -674,6 +657,50 @@ pub fn expire_due(tx: &mut Tx<'_>, limit: i64, held: Held) -> Result<Pass, Store
         done: expired,
         last: None,
     })
+}
+
+/// Reports a due reservation that expiry had to leave pending.
+fn unvoidable(id: i64, e: &StoreError) {
+    metrics::counter!("payrail_ledger_expiry_failures_total").increment(1);
+    tracing::error!(reservation = id, error = %e, "a due reservation could not be voided; it stays pending");
+}
+
+/// Voids one due reservation with an expiry transfer; false if one exists
+/// already.
+fn void_expired(tx: &mut Tx<'_>, pending: &TransferRecord) -> Result<bool, StoreError> {
+    let id = pending.id;
+    let req = TransferRequest {
+        scope: EXPIRY_SCOPE.into(),
+        key: id.0.to_string(),
+        op: TransferOp::Void { pending: id },
+    };
+    let inserted = insert_transfer(
+        tx,
+        &req,
+        TransferKind::Expire,
+        pending.debit,
+        pending.credit,
+        pending.currency,
+        pending.amount,
+        Some(id),
+        None,
+        None,
+    )
+    .map_err(|e| match e {
+        LedgerOpError::Store(s) => s,
+        LedgerOpError::Rejected(r) => StoreError::Internal(r.to_string()),
+    })?;
+    if inserted.is_none() {
+        return Ok(false);
+    }
+    settle_pending(
+        tx,
+        pending,
+        TransferKind::Expire,
+        PendingState::Expired,
+        Money::ZERO,
+    )?;
+    Ok(true)
 }
 
 /// Applies the batch's queued changes.

@@ -346,12 +346,16 @@ impl Conn for PgConn {
             Control::Savepoint => "SAVEPOINT unit",
             Control::ReleaseAndSavepoint => "RELEASE SAVEPOINT unit; SAVEPOINT unit",
             Control::RollbackToSavepoint => "ROLLBACK TO SAVEPOINT unit",
+            Control::StepSavepoint => "SAVEPOINT step",
+            Control::StepRelease => "RELEASE SAVEPOINT step",
+            Control::StepRollback => "ROLLBACK TO SAVEPOINT step; RELEASE SAVEPOINT step",
         })?;
         if matches!(
             c,
             Control::BeginWrite
                 | Control::Rollback
                 | Control::RollbackToSavepoint
+                | Control::StepRollback
                 | Control::Commit
         ) {
             self.aborted = false;

@@ -252,6 +252,9 @@ impl Conn for SqliteConn {
             Control::Savepoint => &["SAVEPOINT unit"],
             Control::ReleaseAndSavepoint => &["RELEASE SAVEPOINT unit", "SAVEPOINT unit"],
             Control::RollbackToSavepoint => &["ROLLBACK TO SAVEPOINT unit"],
+            Control::StepSavepoint => &["SAVEPOINT step"],
+            Control::StepRelease => &["RELEASE SAVEPOINT step"],
+            Control::StepRollback => &["ROLLBACK TO SAVEPOINT step", "RELEASE SAVEPOINT step"],
         };
         for sql in statements {
             self.conn

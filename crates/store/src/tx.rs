@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use payrail_core::{AccountId, Delta, Timestamp};
 
 use crate::StoreError;
-use crate::conn::{Conn, DbErrorKind, Param, Row};
+use crate::conn::{Conn, Control, DbErrorKind, Param, Row};
 use crate::seal::Sealer;
 
 /// Balance changes that cannot break any rule (credits, releases), applied to
@@ -203,6 +203,42 @@ impl<'a> Tx<'a> {
         total
     }
 
+    /// Runs `step` under a savepoint of its own. If it fails, its writes and
+    /// its queued balance changes are undone and the unit goes on: the
+    /// outer `Err` is for what must still fail the unit (the savepoint
+    /// itself, or a lock conflict, which reruns the whole unit), the inner
+    /// one the step's own failure.
+    ///
+    /// For housekeeping over many independent rows, where one row that
+    /// always fails must not hold up the rest. Each use costs a savepoint,
+    /// so request paths do not use it.
+    pub(crate) fn isolated<T>(
+        &mut self,
+        step: impl FnOnce(&mut Tx<'_>) -> Result<T, StoreError>,
+    ) -> Result<Result<T, StoreError>, StoreError> {
+        self.control(Control::StepSavepoint)?;
+        let (queued, failed) = (self.job_deferred.len(), self.failed);
+        match step(self) {
+            Ok(v) => {
+                self.control(Control::StepRelease)?;
+                Ok(Ok(v))
+            }
+            Err(e) if self.retry => Err(e),
+            Err(e) => {
+                // The database's part goes with the savepoint; the queued
+                // balance changes live here, and go with the truncation.
+                self.control(Control::StepRollback)?;
+                self.job_deferred.truncate(queued);
+                self.failed = failed;
+                Ok(Err(e))
+            }
+        }
+    }
+
+    fn control(&mut self, c: Control) -> Result<(), StoreError> {
+        self.conn.control(c).map_err(|e| self.note(e))
+    }
+
     pub(crate) fn take_deferred(&mut self) -> Vec<(AccountId, Delta)> {
         std::mem::take(&mut self.job_deferred)
     }
@@ -210,7 +246,62 @@ impl<'a> Tx<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::writes;
+    use super::*;
+    use crate::sqlite::{Role, SqliteConn};
+
+    fn credit(minor: i64) -> Delta {
+        Delta {
+            credits_posted: minor,
+            ..Delta::default()
+        }
+    }
+
+    /// A step that fails leaves nothing behind, in the database or among
+    /// the queued balance changes, and the unit goes on: what came before
+    /// it and what comes after it are kept. A step that succeeds keeps
+    /// both of its parts.
+    #[test]
+    fn an_isolated_step_that_fails_is_undone_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = SqliteConn::open(&dir.path().join("t.db"), Role::Writer).unwrap();
+        conn.batch("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .unwrap();
+        let sealer = Sealer::new(&crate::MasterKey::generate());
+        let (batch, a) = (Deferred::new(), AccountId(1));
+        conn.control(Control::BeginWrite).unwrap();
+        let mut tx = Tx::new(&mut conn, Timestamp::from_millis(0), &sealer, &batch, true);
+        tx.execute("INSERT INTO t (id) VALUES (1)", &[]).unwrap();
+        tx.defer(a, credit(1));
+
+        let failed = tx
+            .isolated(|tx| {
+                tx.execute("INSERT INTO t (id) VALUES (2)", &[])?;
+                tx.defer(a, credit(10));
+                // A database error, as a void's would be: the unit must not
+                // be taken for one that continued after it.
+                tx.execute("INSERT INTO t (id) VALUES (1)", &[])?;
+                Ok(())
+            })
+            .expect("only the step fails");
+        assert!(failed.is_err());
+        assert!(!tx.failed, "the step's error is undone with it");
+        assert_eq!(tx.deferred(a), credit(1));
+
+        let kept = tx.isolated(|tx| {
+            tx.execute("INSERT INTO t (id) VALUES (3)", &[])?;
+            tx.defer(a, credit(100));
+            Ok(7)
+        });
+        assert_eq!(kept.unwrap().unwrap(), 7);
+        assert_eq!(tx.deferred(a), credit(101));
+        tx.execute("INSERT INTO t (id) VALUES (4)", &[]).unwrap();
+        assert!(!tx.failed);
+        drop(tx);
+        conn.control(Control::Commit).unwrap();
+        let rows = conn.query("SELECT id FROM t ORDER BY id", &[]).unwrap();
+        let ids: Vec<i64> = rows.iter().map(|r| r.int(0).unwrap()).collect();
+        assert_eq!(ids, [1, 3, 4]);
+    }
 
     #[test]
     fn a_write_is_recognised_also_inside_a_with() {
