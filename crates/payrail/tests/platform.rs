@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use payrail_mobikwik::fixtures::MID;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{Db, Server, Start};
@@ -155,6 +156,55 @@ async fn sandbox_clock_moves_forward_only() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad} -> {body}");
         assert_eq!(body["error"]["code"], "invalid_request");
     }
+}
+
+/// However often it is moved, the sandbox clock stops at 9000-01-01: past
+/// that the moves are refused, and every time the admin API shows (the
+/// clock, a token's expiry 30 days on) is still RFC 3339.
+#[tokio::test]
+async fn sandbox_clock_stops_where_its_times_can_still_be_written() {
+    use futures::StreamExt;
+    const MOST: i64 = 10 * 366 * 24 * 3600;
+    let s = Server::start().await;
+    // About 700 moves of ten years reach it; sent 16 at a time, each is a
+    // unit of its own, and the writer takes them one after another.
+    let answers: Vec<(StatusCode, Value)> = futures::stream::iter(0..800)
+        .map(|_| s.admin_post("/sandbox/clock", json!({ "advance_seconds": MOST })))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut moved = 0;
+    for (status, body) in &answers {
+        if *status == StatusCode::OK {
+            moved += 1;
+            let now = body["now"].as_str().unwrap();
+            assert!(now < "9000-01-01T00:00:00.001Z", "{body}");
+            assert!(now.as_bytes()[4] == b'-' && now.ends_with('Z'), "{body}");
+        } else {
+            assert_eq!(*status, StatusCode::BAD_REQUEST, "{body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("9000-01-01T00:00:00.000Z"), "{body}");
+        }
+    }
+    assert!((600..800).contains(&moved), "{moved} moves taken");
+    let (_, clock) = s.admin_get("/sandbox/clock").await;
+    let now = clock["now"].as_str().unwrap().to_string();
+    assert!(now.starts_with("89") && now.ends_with('Z'), "{clock}");
+    // Ten more years never fit from there.
+    let (status, _) = s
+        .admin_post("/sandbox/clock", json!({ "advance_seconds": MOST }))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, token) = s
+        .admin_post(
+            "/mobikwik/tokens",
+            json!({ "mid": MID, "cell": "9311032820", "amount": "100" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{token}");
+    let expires = token["expires_at"].as_str().unwrap();
+    assert!(expires > now.as_str() && expires.ends_with('Z'), "{token}");
+    s.verify_ok().await;
 }
 
 #[tokio::test]

@@ -85,11 +85,19 @@ async fn advance_clock(
     let secs = body.advance_seconds;
     let now = store
         .write(move |tx| {
-            let now = sandbox::advance_clock(tx, secs)?;
+            let Some(now) = sandbox::advance_clock(tx, secs)? else {
+                return Ok(None);
+            };
             while ledger::expire_due(tx, 1_000, ledger::Held::Wait)?.done == 1_000 {}
-            Ok::<_, StoreError>(now)
+            Ok::<_, StoreError>(Some(now))
         })
         .await?;
+    let Some(now) = now else {
+        return Err(AdminError::bad_request(format!(
+            "advance_seconds would take the sandbox clock past {}, the latest it may show",
+            sandbox::LATEST.to_rfc3339()
+        )));
+    };
     Ok(Json(json!({ "now": now.to_rfc3339() })))
 }
 

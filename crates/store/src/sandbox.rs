@@ -51,18 +51,31 @@ pub fn claim(tx: &mut Tx<'_>, mode: Mode) -> Result<Option<Mode>, StoreError> {
     })
 }
 
+/// The latest the sandbox clock may show: 9000-01-01T00:00:00Z.
+///
+/// Far past the reach of any rule, and far enough before the year 10000
+/// that every time worked out from it (a token's expiry, a retention
+/// window) still has the four-digit year RFC 3339 writes. Without a bound,
+/// repeated moves of the most allowed at once would take every timestamp
+/// the admin API shows past what it can write.
+pub const LATEST: Timestamp = Timestamp::from_millis(221_845_392_000_000);
+
 /// Moves the clock forward by `seconds` (which must not be negative) for every
-/// rule, and returns the new time.
-pub fn advance_clock(tx: &mut Tx<'_>, seconds: i64) -> Result<Timestamp, StoreError> {
+/// rule, and returns the new time; `None`, with nothing changed, if that
+/// would take it past [`LATEST`].
+pub fn advance_clock(tx: &mut Tx<'_>, seconds: i64) -> Result<Option<Timestamp>, StoreError> {
     let ms = seconds
         .checked_mul(1000)
         .filter(|ms| *ms >= 0)
         .ok_or_else(|| StoreError::Internal("clock advance out of range".into()))?;
+    let now = match tx.now().millis().checked_add(ms) {
+        Some(t) if t <= LATEST.millis() => Timestamp::from_millis(t),
+        _ => return Ok(None),
+    };
     tx.execute(
         "UPDATE sandbox_clock SET offset_ms = offset_ms + ?1 WHERE id = 1",
         &[ms.into()],
     )?;
-    let now = Timestamp::from_millis(tx.now().millis() + ms);
     tx.set_now(now);
-    Ok(now)
+    Ok(Some(now))
 }
