@@ -488,8 +488,8 @@ async fn a_value_that_is_not_utf8_is_151_and_moves_nothing() {
 async fn an_otp_pays_once_and_no_more_than_it_was_asked_for() {
     let s = Server::start().await;
     let c = s.client();
-    let with_otp = |amount: &str, orderid: &str, otp: &str| {
-        let mut req = c.debit_request(&Debit::new(POOR, amount, orderid, "unused"));
+    let with_otp_for = |who: &str, amount: &str, orderid: &str, otp: &str| {
+        let mut req = c.debit_request(&Debit::new(who, amount, orderid, "unused"));
         req.remove("token");
         req.set("otp", otp);
         resign(
@@ -498,6 +498,28 @@ async fn an_otp_pays_once_and_no_more_than_it_was_asked_for() {
             payrail_mobikwik::wire::signed_fields::DEBIT_WITH_OTP,
         )
     };
+    let with_otp =
+        |amount: &str, orderid: &str, otp: &str| with_otp_for(POOR, amount, orderid, otp);
+    // A cell with no wallet: no user (120), as at /tokengenerate, even with
+    // its own right OTP; the OTP is not spent on it.
+    let stranger = cell(2);
+    assert_code(
+        &send(&c, &c.otp_generate_request(&stranger, "10")).await,
+        "0",
+    );
+    let otp = s.last_otp(&stranger).await;
+    for _ in 0..4 {
+        let r = send(&c, &with_otp_for(&stranger, "5", "OTPDEBIT_0000", &otp)).await;
+        assert_code(&r, "120");
+        assert_eq!(r.get("orderid"), "OTPDEBIT_0000", "{r:?}");
+    }
+    let (status, _) = s
+        .admin_post("/wallets", json!({ "cell": stranger, "balance": "10.00" }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let r = send(&c, &with_otp_for(&stranger, "5", "OTPDEBIT_0000", &otp)).await;
+    assert_code(&r, "0");
+    assert_eq!(s.wallet_balance(&stranger).await, "5.00");
     assert_code(&send(&c, &c.otp_generate_request(POOR, "200")).await, "0");
     let otp = s.last_otp(POOR).await;
     // More than the OTP was asked for: refused, and the OTP stays good.
@@ -756,7 +778,7 @@ async fn otp_then_token_then_debit() {
     // Single use.
     assert_code(
         &send(&c, &c.token_from_otp_request(POOR, "500", &otp)).await,
-        "164",
+        "155",
     );
     // The token works, with its cap.
     assert_code(
@@ -820,12 +842,12 @@ async fn otps_expire_lock_after_three_misses_and_are_rate_limited() {
     for _ in 0..3 {
         assert_code(
             &send(&c, &c.token_from_otp_request(POOR, "1", wrong)).await,
-            "164",
+            "155",
         );
     }
     assert_code(
         &send(&c, &c.token_from_otp_request(POOR, "1", &otp)).await,
-        "164",
+        "155",
     );
     // Two wrong tries do not.
     assert_code(&send(&c, &c.otp_generate_request(POOR, "1")).await, "0");
@@ -834,7 +856,7 @@ async fn otps_expire_lock_after_three_misses_and_are_rate_limited() {
     for _ in 0..2 {
         assert_code(
             &send(&c, &c.token_from_otp_request(POOR, "1", wrong)).await,
-            "164",
+            "155",
         );
     }
     assert_code(
@@ -847,7 +869,7 @@ async fn otps_expire_lock_after_three_misses_and_are_rate_limited() {
     s.advance_clock(601).await;
     assert_code(
         &send(&c, &c.token_from_otp_request(POOR, "1", &otp)).await,
-        "164",
+        "155",
     );
     // A new OTP replaces the previous one.
     s.advance_clock(3600).await;
@@ -858,7 +880,7 @@ async fn otps_expire_lock_after_three_misses_and_are_rate_limited() {
     if first != second {
         assert_code(
             &send(&c, &c.token_from_otp_request(POOR, "1", &first)).await,
-            "164",
+            "155",
         );
     }
     assert_code(

@@ -209,6 +209,15 @@ fn new_token() -> String {
     ids::random_hex(16)
 }
 
+/// The SMS that carries an OTP, its life in whole minutes.
+fn otp_text(otp: &str, ttl: Duration) -> String {
+    let life = match ttl.as_secs() / 60 {
+        1 => "1 minute".to_string(),
+        n => format!("{n} minutes"),
+    };
+    format!("{otp} is your Mobikwik OTP. It is valid for {life}. Do not share it with anyone.")
+}
+
 impl Rail {
     pub(crate) fn system(&self) -> Result<SystemAccounts, StoreError> {
         self.system
@@ -414,9 +423,7 @@ impl Rail {
                     return Ok(too_many.clone());
                 }
                 db::issue_otp(tx, &mid, &cell, &digest, amount, now.plus(s.otp_ttl))?;
-                let minutes = s.otp_ttl.as_secs() / 60;
-                let text = format!("{otp} is your Mobikwik OTP. It is valid for {minutes} minutes. Do not share it with anyone.");
-                outbox::send(tx, &cell, &text, Some(&otp))?;
+                outbox::send(tx, &cell, &otp_text(&otp, s.otp_ttl), Some(&otp))?;
                 Ok(sent.clone())
             })
             .await;
@@ -498,7 +505,9 @@ impl Rail {
         let s = self.settings.clone();
         let issued = Answer::status_with(&msgcode, Code::Ok, "Token generated successfully")
             .with("token", token.clone());
-        let (no_user, bad_otp) = (head(Code::UserNotFound), head(Code::OtpInvalid));
+        // The seed's table for this endpoint has 155 for a wrong OTP, not the
+        // 164 that `/debitwallet` and `/createwalletuser` answer.
+        let (no_user, bad_otp) = (head(Code::UserNotFound), head(Code::OtpMissingOrInvalid));
         let answer = self
             .write(&head, move |tx| {
                 if db::wallet(tx, &cell)?.is_none() {
@@ -973,11 +982,16 @@ impl Debit {
                 wallet
             }
             Credential::Otp(digest) => {
+                // As at `/tokengenerate`: no wallet, no user (120), whatever
+                // the OTP; and the OTP is neither used nor counted a try.
+                let Some(wallet) = db::wallet(tx, &self.cell)? else {
+                    return refuse(Code::UserNotFound);
+                };
                 let (max, amount) = (self.otp_max_failures, Some(self.amount));
                 if !Rail::check_otp(tx, &self.mid, &self.cell, digest, max, amount)? {
                     return Ok(self.fail(Code::OtpInvalid)); // keep the failed attempt
                 }
-                db::wallet(tx, &self.cell)?
+                Some(wallet)
             }
         };
         let Some(wallet) = wallet else {
@@ -1234,6 +1248,17 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn the_otp_text_counts_its_minutes() {
+        let text = |secs| otp_text("123456", Duration::from_secs(secs));
+        assert_eq!(
+            text(600),
+            "123456 is your Mobikwik OTP. It is valid for 10 minutes. Do not share it with anyone."
+        );
+        assert!(text(60).contains("valid for 1 minute."), "{}", text(60));
+        assert!(text(120).contains("valid for 2 minutes."), "{}", text(120));
+    }
 
     fn order(amount: i64, cashback: i64) -> OrderRow {
         OrderRow {

@@ -340,6 +340,7 @@ status_codes! {
     MsgcodeInvalid = 150, "Invalid Message code specified in Input";
     ParamsInvalid = 151, "Invalid Request Parameters";
     CellRegistered = 153, "User with the input cell is already registered";
+    OtpMissingOrInvalid = 155, "EIther OTP missing or Invalid OTP";
     OtpInvalid = 164, "Either Invalid OTP (Expiry or OTP mismatch) or OTP mismatched due to mismatch in order id or transaction amount";
     TokenOrOtpMissing = 190, "Token Or OTP missing";
     BadToken = 198, "Either Token missing or Invalid Token or Token Expired";
