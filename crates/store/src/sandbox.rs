@@ -63,19 +63,33 @@ pub const LATEST: Timestamp = Timestamp::from_millis(221_845_392_000_000);
 /// Moves the clock forward by `seconds` (which must not be negative) for every
 /// rule, and returns the new time; `None`, with nothing changed, if that
 /// would take it past [`LATEST`].
+///
+/// The check and the move are one statement on the offset the database
+/// holds: with several writers (PostgreSQL) another may have moved the
+/// clock since this unit's batch read it, and two moves that each fit on
+/// their own must not pass the bound together.
 pub fn advance_clock(tx: &mut Tx<'_>, seconds: i64) -> Result<Option<Timestamp>, StoreError> {
     let ms = seconds
         .checked_mul(1000)
         .filter(|ms| *ms >= 0)
         .ok_or_else(|| StoreError::Internal("clock advance out of range".into()))?;
-    let now = match tx.now().millis().checked_add(ms) {
-        Some(t) if t <= LATEST.millis() => Timestamp::from_millis(t),
-        _ => return Ok(None),
+    let wall = tx.time().wall.millis();
+    let Some(most) = LATEST
+        .millis()
+        .checked_sub(wall)
+        .and_then(|m| m.checked_sub(ms))
+    else {
+        return Ok(None);
     };
-    tx.execute(
-        "UPDATE sandbox_clock SET offset_ms = offset_ms + ?1 WHERE id = 1",
-        &[ms.into()],
+    let moved = tx.query(
+        "UPDATE sandbox_clock SET offset_ms = offset_ms + ?1
+          WHERE id = 1 AND offset_ms <= ?2
+          RETURNING offset_ms",
+        &[ms.into(), most.into()],
     )?;
-    tx.set_now(now);
-    Ok(Some(now))
+    let Some(row) = moved.first() else {
+        return Ok(None);
+    };
+    tx.set_clock_offset(row.int(0)?);
+    Ok(Some(tx.now()))
 }

@@ -14,6 +14,23 @@ use crate::seal::Sealer;
 /// updated once, and on PostgreSQL its row is locked only for that moment.
 pub(crate) type Deferred = BTreeMap<AccountId, Delta>;
 
+/// The time a unit of work runs at: the clock as read when its batch began,
+/// and the sandbox clock's offset (0 outside sandbox mode) as this unit
+/// knows it. Kept apart because moving the sandbox clock must check the
+/// offset the database holds, which another writer (PostgreSQL) may have
+/// moved since the batch began.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct UnitTime {
+    pub wall: Timestamp,
+    pub offset_ms: i64,
+}
+
+impl UnitTime {
+    pub(crate) fn now(self) -> Timestamp {
+        Timestamp::from_millis(self.wall.millis().saturating_add(self.offset_ms))
+    }
+}
+
 /// One unit of work's view of the database: queries, the current time, and
 /// the batch it shares a commit with.
 ///
@@ -21,7 +38,7 @@ pub(crate) type Deferred = BTreeMap<AccountId, Delta>;
 /// [`crate::Store::write`].
 pub struct Tx<'a> {
     conn: &'a mut dyn Conn,
-    now: Timestamp,
+    time: UnitTime,
     sealer: &'a Sealer,
     batch_deferred: &'a Deferred,
     job_deferred: Vec<(AccountId, Delta)>,
@@ -57,14 +74,14 @@ fn writes(sql: &str) -> bool {
 impl<'a> Tx<'a> {
     pub(crate) fn new(
         conn: &'a mut dyn Conn,
-        now: Timestamp,
+        time: UnitTime,
         sealer: &'a Sealer,
         batch_deferred: &'a Deferred,
         writable: bool,
     ) -> Tx<'a> {
         Tx {
             conn,
-            now,
+            time,
             sealer,
             batch_deferred,
             job_deferred: Vec::new(),
@@ -78,11 +95,15 @@ impl<'a> Tx<'a> {
     /// The time every rule in this unit uses: the clock (with the sandbox's
     /// offset) as read when the batch began.
     pub fn now(&self) -> Timestamp {
-        self.now
+        self.time.now()
     }
 
-    pub(crate) fn set_now(&mut self, now: Timestamp) {
-        self.now = now;
+    pub(crate) fn time(&self) -> UnitTime {
+        self.time
+    }
+
+    pub(crate) fn set_clock_offset(&mut self, offset_ms: i64) {
+        self.time.offset_ms = offset_ms;
     }
 
     pub fn sealer(&self) -> &Sealer {
@@ -269,7 +290,11 @@ mod tests {
         let sealer = Sealer::new(&crate::MasterKey::generate());
         let (batch, a) = (Deferred::new(), AccountId(1));
         conn.control(Control::BeginWrite).unwrap();
-        let mut tx = Tx::new(&mut conn, Timestamp::from_millis(0), &sealer, &batch, true);
+        let time = UnitTime {
+            wall: Timestamp::from_millis(0),
+            offset_ms: 0,
+        };
+        let mut tx = Tx::new(&mut conn, time, &sealer, &batch, true);
         tx.execute("INSERT INTO t (id) VALUES (1)", &[]).unwrap();
         tx.defer(a, credit(1));
 

@@ -16,12 +16,12 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use payrail_core::{Clock, Timestamp};
+use payrail_core::Clock;
 
 use crate::StoreError;
 use crate::conn::{Conn, Control, DbError, DbErrorKind, Dialect};
 use crate::seal::Sealer;
-use crate::tx::{Deferred, Tx};
+use crate::tx::{Deferred, Tx, UnitTime};
 
 /// Whether a unit's changes are kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -465,11 +465,11 @@ impl Writer {
                     redo_with_savepoints: false,
                 });
             }
-            let (outcome, failed, wants_retry, wrote, job_deferred, unit_now) = {
+            let (outcome, failed, wants_retry, wrote, job_deferred, unit_time) = {
                 let mut tx = Tx::new(conn, now, &cfg.sealer, &deferred, true);
                 let outcome = catch_unwind(AssertUnwindSafe(|| q.job.run(&mut tx)));
                 let d = tx.take_deferred();
-                (outcome, tx.failed, tx.retry, tx.wrote, d, tx.now())
+                (outcome, tx.failed, tx.retry, tx.wrote, d, tx.time())
             };
             let keep = matches!(outcome, Ok(Outcome::Commit)) && !failed;
             if !savepoints && !keep && (wrote || failed) {
@@ -512,7 +512,7 @@ impl Writer {
                 // A unit may move the sandbox clock; the units after it see
                 // the new time only if its move is kept, as they would in a
                 // batch of their own.
-                now = unit_now;
+                now = unit_time;
                 for (account, d) in job_deferred {
                     deferred.entry(account).or_default().add(&d);
                 }
@@ -597,14 +597,16 @@ pub(crate) fn read_now(
     conn: &mut dyn Conn,
     clock: &dyn Clock,
     sandbox: bool,
-) -> Result<Timestamp, StoreError> {
-    let now = clock.now();
-    if !sandbox {
-        return Ok(now);
-    }
-    Ok(Timestamp::from_millis(
-        now.millis() + crate::sandbox::clock_offset_ms(conn)?,
-    ))
+) -> Result<UnitTime, StoreError> {
+    let offset_ms = if sandbox {
+        crate::sandbox::clock_offset_ms(conn)?
+    } else {
+        0
+    };
+    Ok(UnitTime {
+        wall: clock.now(),
+        offset_ms,
+    })
 }
 
 #[cfg(all(test, feature = "testkit"))]
