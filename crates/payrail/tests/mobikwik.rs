@@ -500,16 +500,18 @@ async fn an_otp_pays_once_and_no_more_than_it_was_asked_for() {
     };
     let with_otp =
         |amount: &str, orderid: &str, otp: &str| with_otp_for(POOR, amount, orderid, otp);
-    // A cell with no wallet: no user (120), as at /tokengenerate, even with
-    // its own right OTP; the OTP is not spent on it.
+    // A cell with no wallet: no user (120), as at /tokengenerate, with a
+    // wrong OTP or its own right one; the OTP is neither spent nor counted a
+    // try (three wrong ones would lock it).
     let stranger = cell(2);
     assert_code(
         &send(&c, &c.otp_generate_request(&stranger, "10")).await,
         "0",
     );
     let otp = s.last_otp(&stranger).await;
-    for _ in 0..4 {
-        let r = send(&c, &with_otp_for(&stranger, "5", "OTPDEBIT_0000", &otp)).await;
+    let wrong = if otp == "000000" { "111111" } else { "000000" };
+    for sent in [wrong, wrong, wrong, otp.as_str()] {
+        let r = send(&c, &with_otp_for(&stranger, "5", "OTPDEBIT_0000", sent)).await;
         assert_code(&r, "120");
         assert_eq!(r.get("orderid"), "OTPDEBIT_0000", "{r:?}");
     }

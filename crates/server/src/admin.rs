@@ -88,7 +88,14 @@ async fn advance_clock(
             let Some(now) = sandbox::advance_clock(tx, secs)? else {
                 return Ok(None);
             };
-            while ledger::expire_due(tx, 1_000, ledger::Held::Wait)?.done == 1_000 {}
+            let mut after = None;
+            loop {
+                let pass = ledger::expire_due(tx, 1_000, ledger::Held::Wait, after)?;
+                if pass.scanned < 1_000 {
+                    break;
+                }
+                after = pass.last_due;
+            }
             Ok::<_, StoreError>(Some(now))
         })
         .await?;

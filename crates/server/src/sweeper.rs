@@ -57,11 +57,7 @@ fn full(n: impl TryInto<i64>) -> bool {
 /// The server's steps: the ledger's and the outbox's, then each rail's.
 pub fn steps(store: &Store, outbox_retention: Duration, rails: &[Arc<dyn Rail>]) -> Vec<Step> {
     let mut steps = vec![
-        // Full when it voided a whole unit: a reservation it took up but
-        // could not void would otherwise be taken up again and again.
-        Step::write("expiry", store, |tx| {
-            ledger::expire_due(tx, CHUNK, ledger::Held::Skip).map(|p| full(p.done))
-        }),
+        expiry(store),
         fold(store),
         Step::write("outbox", store, move |tx| {
             let before = tx.now().minus(outbox_retention);
@@ -81,26 +77,61 @@ pub fn steps(store: &Store, outbox_retention: Duration, rails: &[Arc<dyn Rail>])
     steps
 }
 
-/// The fold walks the accounts with delta rows in id order, each unit from
-/// where the last full one stopped, so accounts it must skip (locked by a
-/// writer, or too large to fold) cannot keep it from the rest. Full when it
-/// took up a whole unit of accounts, folded or skipped; the walk starts
-/// again from the first account after a unit that was not.
+/// Expiry and the fold walk their rows in order (due reservations by
+/// expiry time, accounts with delta rows by id), each unit from where the
+/// last full one stopped, so rows they must pass over (a reservation that
+/// cannot be voided; on PostgreSQL one another transaction holds, or an
+/// account locked by a writer or too large to fold) cannot keep them from
+/// the rest. Full when it took up a whole unit of rows, done or passed
+/// over; the walk starts again from the first after a unit that was not.
+fn expiry(store: &Store) -> Step {
+    walk(
+        "expiry",
+        store,
+        |tx, after| ledger::expire_due(tx, CHUNK, ledger::Held::Skip, after),
+        |pass| pass.last_due,
+    )
+}
+
+/// See [`expiry`].
 fn fold(store: &Store) -> Step {
+    walk(
+        "fold",
+        store,
+        |tx, after| ledger::fold_deltas(tx, after, CHUNK),
+        |pass| pass.last,
+    )
+}
+
+/// A step that walks its rows from a cursor kept between its units.
+fn walk<C, W>(
+    name: &'static str,
+    store: &Store,
+    work: W,
+    last: fn(&ledger::Pass) -> Option<C>,
+) -> Step
+where
+    C: Copy + Send + 'static,
+    W: Fn(&mut Tx<'_>, Option<C>) -> Result<ledger::Pass, StoreError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
     let store = store.clone();
-    let cursor = Arc::new(std::sync::Mutex::new(None::<i64>));
+    let cursor = Arc::new(std::sync::Mutex::new(None::<C>));
     Step {
-        name: "fold",
+        name,
         run: Box::new(move || {
-            let (store, cursor) = (store.clone(), cursor.clone());
+            let (store, cursor, work) = (store.clone(), cursor.clone(), work.clone());
             Box::pin(async move {
                 let after = *cursor.lock().unwrap_or_else(|e| e.into_inner());
                 let pass = store
-                    .write_unbounded(move |tx| ledger::fold_deltas(tx, after, CHUNK))
+                    .write_unbounded(move |tx| work(tx, after))
                     .await
                     .map_err(|e| format!("{e:?}"))?;
                 let more = full(pass.scanned);
-                *cursor.lock().unwrap_or_else(|e| e.into_inner()) = pass.last.filter(|_| more);
+                *cursor.lock().unwrap_or_else(|e| e.into_inner()) = last(&pass).filter(|_| more);
                 Ok(more)
             })
         }),

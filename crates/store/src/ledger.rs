@@ -595,6 +595,18 @@ pub struct Pass {
     pub done: usize,
     /// The last account the fold took up; the next pass may start after it.
     pub last: Option<i64>,
+    /// The last reservation expiry took up; the next pass may start after it.
+    pub last_due: Option<DueCursor>,
+}
+
+/// A place in the walk over due reservations, in the order expiry takes them
+/// up (by expiry time, then id). Passes that start after the last one's
+/// pass over any reservation that could not be voided, instead of taking
+/// the same ones up first every time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DueCursor {
+    expires_at: i64,
+    id: i64,
 }
 
 /// Whether a pass waits for rows another transaction holds (PostgreSQL).
@@ -606,13 +618,19 @@ pub enum Held {
     Wait,
 }
 
-/// Voids up to `limit` reservations whose time has run out.
+/// Voids up to `limit` reservations whose time has run out, from after
+/// `after` (the start if `None`).
 ///
 /// Locked as they are found. The sweeper skips any another transaction
 /// holds (`Held::Skip`): nodes sweeping at once each take different
 /// reservations, instead of every node's writer waiting for the first
 /// one's batch and then finding the same rows voided.
-pub fn expire_due(tx: &mut Tx<'_>, limit: i64, held: Held) -> Result<Pass, StoreError> {
+pub fn expire_due(
+    tx: &mut Tx<'_>,
+    limit: i64,
+    held: Held,
+    after: Option<DueCursor>,
+) -> Result<Pass, StoreError> {
     debug_assert!(limit > 0, "SQLite reads a negative LIMIT as none");
     let now = tx.now();
     // The scan takes whole rows: once locked, a row is what the void needs.
@@ -620,43 +638,83 @@ pub fn expire_due(tx: &mut Tx<'_>, limit: i64, held: Held) -> Result<Pass, Store
     // re-checked against the WHERE and left out.
     let sql = match held {
         Held::Skip => select_transfer!(
-            "WHERE kind = 1 AND state = 0 AND expires_at <= ?1
-              ORDER BY expires_at LIMIT ?2 /*FOR UPDATE SKIP LOCKED*/"
+            "WHERE kind = 1 AND state = 0 AND expires_at <= ?1 AND (expires_at, id) > (?3, ?4)
+              ORDER BY expires_at, id LIMIT ?2 /*FOR UPDATE SKIP LOCKED*/"
         ),
         Held::Wait => select_transfer!(
-            "WHERE kind = 1 AND state = 0 AND expires_at <= ?1
-              ORDER BY expires_at LIMIT ?2 /*FOR UPDATE*/"
+            "WHERE kind = 1 AND state = 0 AND expires_at <= ?1 AND (expires_at, id) > (?3, ?4)
+              ORDER BY expires_at, id LIMIT ?2 /*FOR UPDATE*/"
         ),
     };
-    let due = tx.query(sql, &[now.millis().into(), limit.into()])?;
-    let scanned = due.len();
-    let mut expired = 0;
-    for row in due {
-        // One reservation that cannot be voided, whatever the reason, must
-        // not keep the others from expiring: it sorts first on every pass,
-        // and its failure would otherwise undo the whole unit each time. It
-        // stays pending, and is logged and counted on every pass.
-        let pending = match transfer_from_row(&row) {
+    let after = after.unwrap_or(DueCursor {
+        expires_at: i64::MIN,
+        id: i64::MIN,
+    });
+    let due = tx.query(
+        sql,
+        &[
+            now.millis().into(),
+            limit.into(),
+            after.expires_at.into(),
+            after.id.into(),
+        ],
+    )?;
+    let last_due = match due.last() {
+        Some(row) => Some(DueCursor {
+            expires_at: row.int(11)?,
+            id: row.int(0)?,
+        }),
+        None => None,
+    };
+    // One reservation that cannot be voided, whatever the reason, must not
+    // keep the others from expiring. Almost every pass voids them all, under
+    // one savepoint; only if that fails are they voided again one savepoint
+    // each (a savepoint per row would cost PostgreSQL a subtransaction per
+    // row, and past 64 in one transaction every snapshot in the cluster
+    // gets slower). One that fails then stays pending, and is logged and
+    // counted each time a pass takes it up.
+    let done = match tx.isolated(|tx| void_all(tx, &due, false))? {
+        Ok(n) => n,
+        Err(_) => void_all(tx, &due, true)?,
+    };
+    Ok(Pass {
+        scanned: due.len(),
+        done,
+        last: None,
+        last_due,
+    })
+}
+
+/// Voids the due reservations in `rows`; how many it voided. `isolate`:
+/// each under a savepoint of its own, passing over those that fail.
+fn void_all(tx: &mut Tx<'_>, rows: &[Row], isolate: bool) -> Result<usize, StoreError> {
+    let mut voided = 0;
+    for row in rows {
+        let pending = match transfer_from_row(row) {
             Ok(p) => p,
-            Err(e) => {
+            Err(e) if isolate => {
                 unvoidable(row.int(0).unwrap_or_default(), &e);
                 continue;
             }
+            Err(e) => return Err(e),
         };
         if pending.state != PendingState::Pending {
             continue; // the WHERE leaves these out
         }
-        match tx.isolated(|tx| void_expired(tx, &pending))? {
-            Ok(true) => expired += 1,
-            Ok(false) => {}
-            Err(e) => unvoidable(pending.id.0, &e),
-        }
+        let done = if isolate {
+            match tx.isolated(|tx| void_expired(tx, &pending))? {
+                Ok(done) => done,
+                Err(e) => {
+                    unvoidable(pending.id.0, &e);
+                    false
+                }
+            }
+        } else {
+            void_expired(tx, &pending)?
+        };
+        voided += usize::from(done);
     }
-    Ok(Pass {
-        scanned,
-        done: expired,
-        last: None,
-    })
+    Ok(voided)
 }
 
 /// Reports a due reservation that expiry had to leave pending.

@@ -224,8 +224,9 @@ impl<'a> Tx<'a> {
         total
     }
 
-    /// Runs `step` under a savepoint of its own. If it fails, its writes and
-    /// its queued balance changes are undone and the unit goes on: the
+    /// Runs `step` under a savepoint of its own. If it fails, its writes, its
+    /// queued balance changes and any move of the sandbox clock it made are
+    /// undone and the unit goes on: the
     /// outer `Err` is for what must still fail the unit (the savepoint
     /// itself, or a lock conflict, which reruns the whole unit), the inner
     /// one the step's own failure.
@@ -238,7 +239,7 @@ impl<'a> Tx<'a> {
         step: impl FnOnce(&mut Tx<'_>) -> Result<T, StoreError>,
     ) -> Result<Result<T, StoreError>, StoreError> {
         self.control(Control::StepSavepoint)?;
-        let (queued, failed) = (self.job_deferred.len(), self.failed);
+        let (queued, failed, time) = (self.job_deferred.len(), self.failed, self.time);
         match step(self) {
             Ok(v) => {
                 self.control(Control::StepRelease)?;
@@ -251,6 +252,7 @@ impl<'a> Tx<'a> {
                 self.control(Control::StepRollback)?;
                 self.job_deferred.truncate(queued);
                 self.failed = failed;
+                self.time = time;
                 Ok(Err(e))
             }
         }

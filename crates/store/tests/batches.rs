@@ -93,13 +93,19 @@ async fn a_refusing_unit_is_undone_and_runs_again_only_if_it_changed_data() {
     assert_eq!(balances(&store, a).await, paid);
 }
 
-/// Expiry voids each due reservation under a savepoint of its own. One that
-/// cannot be voided (here a trigger refuses its change of state, after its
-/// expiry transfer was written) stays pending with nothing of its void kept,
-/// and the reservations due after it expire all the same; once the cause is
-/// gone, the next pass voids it too.
+/// Expiry passes over a reservation that cannot be voided (here a trigger
+/// refuses its change of state, after its expiry transfer was written): it
+/// stays pending with nothing of its void kept, and the others expire all
+/// the same.
+/// - A pass voids its reservations under one savepoint; when one fails, it
+///   voids them again one savepoint each. The balance changes the first try
+///   queued must go with it, or the ones voided twice over would be released
+///   twice (the wallet's total below, and the self-check).
+/// - Passes walk on from the last reservation the one before took up, so
+///   stuck ones do not come first in every pass.
+/// - Once the cause is gone, the next walk voids them too.
 #[tokio::test]
-async fn a_reservation_that_cannot_be_voided_does_not_hold_up_expiry() {
+async fn reservations_that_cannot_be_voided_do_not_hold_up_expiry() {
     const T0: i64 = 1_700_000_000_000;
     let db = payrail_store::testkit::TestDb::fresh();
     let clock = common::ManualClock::at(T0);
@@ -118,7 +124,7 @@ async fn a_reservation_that_cannot_be_voided_does_not_hold_up_expiry() {
         .await
         .unwrap();
     let mut holds = Vec::new();
-    for secs in [60, 61, 62] {
+    for secs in [60, 61, 62, 63] {
         let hold = TransferRequest {
             scope: "test".into(),
             key: format!("hold-{secs}"),
@@ -138,52 +144,63 @@ async fn a_reservation_that_cannot_be_voided_does_not_hold_up_expiry() {
             .id;
         holds.push(id.0);
     }
-    // The first one due is the one that fails.
-    let stuck = holds[0];
+    let wallet = || async { balances(&store, a).await.1 };
+    assert_eq!(wallet().await, Money::from_minor(100), "four holds of 1.00");
+    // The first and the last one due fail.
+    let (first, last) = (holds[0], holds[3]);
     if db.is_postgres() {
         db.sql(&format!(
             "CREATE FUNCTION stuck() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'stuck'; END $$;
              CREATE TRIGGER stuck BEFORE UPDATE OF state ON transfers
-                 FOR EACH ROW WHEN (OLD.id = {stuck}) EXECUTE FUNCTION stuck();"
+                 FOR EACH ROW WHEN (OLD.id IN ({first}, {last})) EXECUTE FUNCTION stuck();"
         ));
     } else {
         db.sql(&format!(
-            "CREATE TRIGGER stuck BEFORE UPDATE OF state ON transfers WHEN OLD.id = {stuck}
+            "CREATE TRIGGER stuck BEFORE UPDATE OF state ON transfers WHEN OLD.id IN ({first}, {last})
              BEGIN SELECT RAISE(ABORT, 'stuck'); END"
         ));
     }
     clock.set(T0 + 120_000);
-    let expire = || store.write(|tx| ledger::expire_due(tx, 1_000, ledger::Held::Skip));
-
-    let pass = expire().await.unwrap();
-    assert_eq!((pass.scanned, pass.done), (3, 2));
-    let resolved = |id: i64| {
+    let expire = |limit: i64, after: Option<ledger::DueCursor>| {
+        store.write(move |tx| ledger::expire_due(tx, limit, ledger::Held::Skip, after))
+    };
+    let voids = |id: i64| {
         db.sql(&format!(
             "SELECT state FROM transfers WHERE id = {id}
              UNION ALL SELECT count(*) FROM transfers WHERE pending_id = {id}"
         ))
     };
-    assert_eq!(
-        resolved(stuck),
-        ["0", "0"],
-        "pending, and no void of it kept"
-    );
-    for &id in &holds[1..] {
-        assert_eq!(resolved(id)[1], "1", "{id} expired");
+
+    // One at a time: the first is taken up and passed over, then the next.
+    let pass = expire(1, None).await.unwrap();
+    assert_eq!((pass.scanned, pass.done), (1, 0));
+    let pass = expire(1, pass.last_due).await.unwrap();
+    assert_eq!((pass.scanned, pass.done), (1, 1));
+    // The rest in one pass: the second voids, the last does not.
+    let pass = expire(1_000, pass.last_due).await.unwrap();
+    assert_eq!((pass.scanned, pass.done), (2, 1));
+    for id in [first, last] {
+        assert_eq!(voids(id), ["0", "0"], "{id}: pending, no void of it kept");
     }
-    let (_, wallet) = balances(&store, a).await;
-    assert_eq!(wallet, Money::from_minor(400), "one hold of 1.00 left");
+    for id in [holds[1], holds[2]] {
+        assert_eq!(voids(id)[1], "1", "{id} expired");
+    }
+    assert_eq!(wallet().await, Money::from_minor(300), "two holds left");
     let v = store.read(ledger::verify).await.unwrap();
     assert!(v.ok(), "{:?}", v.problems);
+    // From the start, only the stuck ones are left.
+    let pass = expire(1_000, None).await.unwrap();
+    assert_eq!((pass.scanned, pass.done), (2, 0));
 
     db.sql(if db.is_postgres() {
         "DROP TRIGGER stuck ON transfers"
     } else {
         "DROP TRIGGER stuck"
     });
-    let pass = expire().await.unwrap();
-    assert_eq!((pass.scanned, pass.done), (1, 1));
-    assert_eq!(resolved(stuck)[1], "1");
-    assert_eq!(balances(&store, a).await.1, Money::from_minor(500));
+    let pass = expire(1_000, None).await.unwrap();
+    assert_eq!((pass.scanned, pass.done), (2, 2));
+    assert_eq!(wallet().await, Money::from_minor(500));
+    let v = store.read(ledger::verify).await.unwrap();
+    assert!(v.ok(), "{:?}", v.problems);
     store.close().await;
 }

@@ -670,7 +670,7 @@ async fn expiry_skips_reservations_another_node_holds() {
     )
     .await;
     let expire = || {
-        let pass = store.write(|tx| ledger::expire_due(tx, 1_000, ledger::Held::Skip));
+        let pass = store.write(|tx| ledger::expire_due(tx, 1_000, ledger::Held::Skip, None));
         tokio::time::timeout(std::time::Duration::from_secs(20), pass)
     };
     let pass = expire()
@@ -740,7 +740,7 @@ async fn expire_waiting_for(store: &Store, other: testkit::Held) -> ledger::Pass
         let store = store.clone();
         async move {
             store
-                .write(|tx| ledger::expire_due(tx, 1_000, ledger::Held::Wait))
+                .write(|tx| ledger::expire_due(tx, 1_000, ledger::Held::Wait, None))
                 .await
         }
     });

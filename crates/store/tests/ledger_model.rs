@@ -417,7 +417,7 @@ fn run_case_with(ops: Vec<Op>, mut model: Model) -> Result<(), TestCaseError> {
                             sandbox::advance_clock(tx, s)?;
                             // Folding changes where totals are kept, never what they are.
                             ledger::fold_deltas(tx, None, 1_000)?;
-                            ledger::expire_due(tx, 1_000, ledger::Held::Wait)
+                            ledger::expire_due(tx, 1_000, ledger::Held::Wait, None)
                         })
                         .await
                         .map_err(|e: StoreError| panic!("{e:?}"))

@@ -958,8 +958,9 @@ impl Debit {
         Answer::status(&self.msgcode, code).with("orderid", self.orderid.clone())
     }
 
-    /// token (302), cap (303), wallet blocked (305), orderid used (304),
-    /// balance (301); then the money moves.
+    /// token (302) and cap (303), or with an OTP a wallet (120) and the OTP
+    /// (164); wallet blocked (305), orderid used (304), balance (301); then
+    /// the money moves.
     fn run(&self, tx: &mut Tx<'_>) -> Result<Answer, Halt> {
         let refuse = |code| Err(Halt::Refuse(self.fail(code)));
         let now = tx.now();
