@@ -101,7 +101,7 @@ async fn advance_clock(
         .await?;
     let Some(now) = now else {
         return Err(AdminError::bad_request(format!(
-            "advance_seconds would take the sandbox clock past {}, the latest it may show",
+            "advance_seconds would take the sandbox clock past {}, where it stops",
             sandbox::LATEST.to_rfc3339()
         )));
     };
