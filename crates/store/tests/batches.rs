@@ -63,15 +63,14 @@ async fn balances(store: &Store, a: (AccountId, AccountId)) -> (Money, Money) {
         .unwrap()
 }
 
-#[tokio::test]
-async fn a_refusing_unit_is_undone_and_runs_again_only_if_it_changed_data() {
-    let t = common::open().await;
-    let store = t.store.clone();
+/// Opens "from" and "to" (`to` with `flags`) and moves 5.00 from one to the
+/// other under the key "paid".
+async fn paid_pair(store: &Store, flags: AccountFlags) -> (AccountId, AccountId) {
     let a = store
-        .write(|tx| {
+        .write(move |tx| {
             Ok::<_, LedgerOpError>((
                 ledger::open_account(tx, "from", Currency::INR, AccountFlags::NONE)?,
-                ledger::open_account(tx, "to", Currency::INR, AccountFlags::NONE)?,
+                ledger::open_account(tx, "to", Currency::INR, flags)?,
             ))
         })
         .await
@@ -80,6 +79,14 @@ async fn a_refusing_unit_is_undone_and_runs_again_only_if_it_changed_data() {
         .write(move |tx| ledger::transfer(tx, &transfer("paid", a.0, a.1)))
         .await
         .unwrap();
+    a
+}
+
+#[tokio::test]
+async fn a_refusing_unit_is_undone_and_runs_again_only_if_it_changed_data() {
+    let t = common::open().await;
+    let store = t.store.clone();
+    let a = paid_pair(&store, AccountFlags::NONE).await;
     let paid = (Money::from_minor(-500), Money::from_minor(500));
     assert_eq!(balances(&store, a).await, paid);
 
@@ -110,19 +117,7 @@ async fn reservations_that_cannot_be_voided_do_not_hold_up_expiry() {
     let db = payrail_store::testkit::TestDb::fresh();
     let clock = common::ManualClock::at(T0);
     let store = common::open_at(db.location.clone(), clock.clone()).await;
-    let a = store
-        .write(|tx| {
-            Ok::<_, LedgerOpError>((
-                ledger::open_account(tx, "issuer", Currency::INR, AccountFlags::NONE)?,
-                ledger::open_account(tx, "wallet", Currency::INR, AccountFlags::NEVER_NEGATIVE)?,
-            ))
-        })
-        .await
-        .unwrap();
-    store
-        .write(move |tx| ledger::transfer(tx, &transfer("fund", a.0, a.1)))
-        .await
-        .unwrap();
+    let a = paid_pair(&store, AccountFlags::NEVER_NEGATIVE).await;
     let mut holds = Vec::new();
     for secs in [60, 61, 62, 63] {
         let hold = TransferRequest {
