@@ -51,7 +51,8 @@ pub fn claim(tx: &mut Tx<'_>, mode: Mode) -> Result<Option<Mode>, StoreError> {
     })
 }
 
-/// The latest the sandbox clock may show: 9000-01-01T00:00:00Z.
+/// The latest a move may take the sandbox clock to: 9000-01-01T00:00:00Z
+/// (real time still moves it on from there).
 ///
 /// Far past the reach of any rule, and far enough before the year 10000
 /// that every time worked out from it (a token's expiry, a retention
