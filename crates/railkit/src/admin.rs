@@ -127,7 +127,15 @@ impl IntoResponse for AdminError {
             None => {}
         }
         let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        // RFC 9110, 15.5.2: a 401 says which scheme would do.
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"payrail admin\""),
+            );
+        }
+        response
     }
 }
 

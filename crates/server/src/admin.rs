@@ -38,9 +38,12 @@ impl AdminAuth {
 }
 
 pub async fn require_token(State(auth): State<AdminAuth>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(AUTHORIZATION)
+    // Exactly one header: with two, which one a proxy or this server reads
+    // first is a guess.
+    let mut headers = req.headers().get_all(AUTHORIZATION).iter();
+    let presented = headers
+        .next()
+        .filter(|_| headers.next().is_none())
         .and_then(|v| v.to_str().ok())
         // The scheme's name is case-insensitive (RFC 9110, 11.1).
         .and_then(|v| v.split_once(' '))
