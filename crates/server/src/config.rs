@@ -48,7 +48,9 @@ pub struct FileConfig {
     pub listen: Option<String>,
     pub db: Option<String>,
     pub sandbox: Option<bool>,
+    #[serde(default, deserialize_with = "secret")]
     pub admin_token: Option<String>,
+    #[serde(default, deserialize_with = "secret")]
     pub master_key: Option<String>,
     #[serde(default)]
     pub store: StoreConfig,
@@ -82,6 +84,19 @@ impl Default for StoreConfig {
             outbox_retention_hours: 24,
             max_wait_ms: payrail_store::DEFAULT_MAX_WAIT.as_millis() as u64,
         }
+    }
+}
+
+/// A secret's key in the file. Any other type is refused without its value:
+/// serde's own message would quote it (``invalid type: integer `…` ``), and
+/// the message is printed.
+fn secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match toml::Value::deserialize(d)? {
+        toml::Value::String(s) => Ok(Some(s)),
+        other => Err(serde::de::Error::custom(format!(
+            "admin_token and master_key must be quoted strings, not a {} (its value is not shown)",
+            other.type_str()
+        ))),
     }
 }
 
@@ -218,6 +233,17 @@ impl Config {
                 "the admin token must not begin or end with whitespace".into(),
             ));
         }
+        // What a header value can carry as text (`HeaderValue::to_str`): any
+        // other token could never be presented, and the admin API would be
+        // shut for good while the server looked healthy.
+        if configured_token
+            .as_ref()
+            .is_some_and(|t| !t.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)))
+        {
+            return Err(ConfigError::Invalid(
+                "the admin token must be printable ASCII: no other character can be sent in a header".into(),
+            ));
+        }
         let admin_token_is_sandbox_default = sandbox && configured_token.is_none();
         let admin_token = configured_token
             .or_else(|| sandbox.then(|| SANDBOX_ADMIN_TOKEN.to_string()))
@@ -279,8 +305,22 @@ fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_path_buf(),
-        message: e.message().to_string(),
+    // The message and its line only: the error's own display quotes the
+    // line, which may hold a secret.
+    toml::from_str(&text).map_err(|e| {
+        let line = e.span().map(|span| {
+            1 + text
+                .bytes()
+                .take(span.start)
+                .filter(|&b| b == b'\n')
+                .count()
+        });
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: match line {
+                Some(line) => format!("line {line}: {}", e.message()),
+                None => e.message().to_string(),
+            },
+        }
     })
 }
