@@ -1331,6 +1331,24 @@ async fn admin_resources_are_idempotent() {
     let (st, v) = s.admin_post("/mobikwik/merchants", other).await;
     assert_eq!(st, StatusCode::CONFLICT, "{v}");
     assert!(!v.to_string().contains("s3cret-value") && !v.to_string().contains("another-secret"));
+    // A name is counted in bytes, as its message says, and is more than spaces.
+    for (name, ok) in [
+        ("   ", false),
+        (&"\u{e9}".repeat(32)[..], true),
+        (&"\u{e9}".repeat(33)[..], false),
+    ] {
+        let body = json!({ "mid": "MBK1235", "name": name, "secret": "s3cret-value" });
+        let (st, v) = s.admin_post("/mobikwik/merchants", body).await;
+        if ok {
+            assert_eq!(st, StatusCode::CREATED, "{name:?}: {v}");
+        } else {
+            assert_eq!(st, StatusCode::BAD_REQUEST, "{name:?}: {v}");
+            assert!(
+                v["error"]["message"].as_str().unwrap().contains("64 bytes"),
+                "{v}"
+            );
+        }
+    }
 
     let w = cell(8);
     let (st, v) = s

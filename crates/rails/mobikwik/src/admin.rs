@@ -80,8 +80,10 @@ pub(crate) async fn create_merchant(
     req: NewMerchant,
 ) -> Result<(bool, Arc<Merchant>), AdminError> {
     check_mid(&req.mid)?;
-    if !wire::valid_text(&req.name, 64) || req.name.is_empty() {
-        return Err(AdminError::bad_request("name must be 1 to 64 characters"));
+    if !wire::valid_text(&req.name, 64) || req.name.trim().is_empty() {
+        return Err(AdminError::bad_request(
+            "name must be 1 to 64 bytes of UTF-8, not all spaces, without control characters",
+        ));
     }
     for s in std::iter::once(&req.secret).chain(req.regen_secret.as_ref()) {
         if !(8..=256).contains(&s.len()) || !s.bytes().all(|b| b.is_ascii_graphic()) {
