@@ -89,6 +89,10 @@ async fn admin_requires_the_token() {
         }
         let r = req.send().await.unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{auth:?}");
+        assert_eq!(
+            r.headers()["www-authenticate"],
+            "Bearer realm=\"payrail admin\""
+        );
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"]["code"], "unauthorized");
         assert!(
@@ -110,6 +114,22 @@ async fn admin_requires_the_token() {
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{scheme}");
+    }
+    // The right token beside another, in either order, is not enough.
+    let right = format!("Bearer {}", support::ADMIN_TOKEN);
+    for pair in [
+        [right.as_str(), "Bearer wrong"],
+        ["Bearer wrong", right.as_str()],
+    ] {
+        let r = s
+            .http
+            .get(&url)
+            .header("authorization", pair[0])
+            .header("authorization", pair[1])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{pair:?}");
     }
     // Also for paths that do not exist: nothing is revealed without a token.
     let r = s.http.get(s.url("/admin/v1/nope")).send().await.unwrap();
@@ -568,9 +588,15 @@ async fn flags_and_environment_override_the_config_file() {
         assert!(stderr.contains("no admin token"), "{stderr}");
     }
     // Blank is none, in the file or the environment; padded would never
-    // match the trimmed token presented.
-    for (token, why) in [("  ", "no admin token"), (" tok ", "whitespace")] {
-        std::fs::write(&file, format!("admin_token = \"{token}\"\n")).unwrap();
+    // match the trimmed token presented, nor would one that no header can
+    // carry as text. (Rust's escaping of these is TOML's too.)
+    for (token, why) in [
+        ("  ", "no admin token"),
+        (" tok ", "whitespace"),
+        ("tok\u{e9}n-0123456789abcdef0123456789", "printable ASCII"),
+        ("tok\nen-0123456789abcdef0123456789", "printable ASCII"),
+    ] {
+        std::fs::write(&file, format!("admin_token = {token:?}\n")).unwrap();
         let out = start(None, None, None).await;
         assert!(!out.status.success(), "{token:?} was accepted");
         let stderr = String::from_utf8(out.stderr).unwrap();
@@ -583,6 +609,18 @@ async fn flags_and_environment_override_the_config_file() {
             stderr.contains(why),
             "PAYRAIL_ADMIN_TOKEN={token:?}: {stderr}"
         );
+    }
+    // A secret of the wrong type is refused without being printed.
+    for key in ["admin_token", "master_key"] {
+        std::fs::write(&file, format!("\n{key} = 73190462855017\n")).unwrap();
+        let out = start(None, None, None).await;
+        assert!(!out.status.success(), "a numeric {key} was accepted");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            stderr.contains("line 2: admin_token and master_key must be quoted strings"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("73190462855017"), "{key}: {stderr}");
     }
 }
 
