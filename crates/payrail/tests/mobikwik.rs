@@ -1349,6 +1349,14 @@ async fn admin_resources_are_idempotent() {
             );
         }
     }
+    // Optional fields sent as `null` are fields left out.
+    let body = json!({
+        "mid": "MBK1236", "name": "Nulls", "secret": "s3cret-value",
+        "regen_secret": null, "aggregated_merchant_ids": null,
+    });
+    let (st, v) = s.admin_post("/mobikwik/merchants", body).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["aggregated_merchant_ids"], json!([]), "{v}");
 
     let w = cell(8);
     let (st, v) = s
@@ -1376,6 +1384,37 @@ async fn admin_resources_are_idempotent() {
     assert_eq!(
         s.admin_get(&format!("/wallets/{}", cell(9))).await.0,
         StatusCode::NOT_FOUND
+    );
+    // A body is an object: an array is not read as the fields in order, and
+    // nothing else names a Rust type.
+    for body in [
+        json!([cell(9), "5.00"]),
+        json!(cell(9)),
+        json!(null),
+        json!(5),
+    ] {
+        let (st, v) = s.admin_post("/wallets", body.clone()).await;
+        assert_eq!(
+            (st, v["error"]["message"].as_str()),
+            (
+                StatusCode::BAD_REQUEST,
+                Some("the body must be a JSON object")
+            ),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        s.admin_get(&format!("/wallets/{}", cell(9))).await.0,
+        StatusCode::NOT_FOUND
+    );
+    // `null` is a balance left out: an empty wallet.
+    let (st, v) = s
+        .admin_post("/wallets", json!({ "cell": cell(9), "balance": null }))
+        .await;
+    assert_eq!(
+        (st, v["balance"].as_str()),
+        (StatusCode::CREATED, Some("0.00")),
+        "{v}"
     );
 
     let credit = json!({ "amount": "7.50", "reference": "ref-1" });

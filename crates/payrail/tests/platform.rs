@@ -171,6 +171,7 @@ async fn sandbox_clock_moves_forward_only() {
         json!({ "advance_seconds": "10" }),
         json!({}),
         json!({ "advance_seconds": 1e20 }),
+        json!([60]),
     ] {
         let (status, body) = s.admin_post("/sandbox/clock", bad.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad} -> {body}");

@@ -150,8 +150,19 @@ where
 {
     type Rejection = AdminError;
 
+    /// Every admin body is a JSON object, and anything else is refused
+    /// before `T` sees it: serde's derive would read an array as the
+    /// struct's fields in order (`["9000000001"]` made a wallet, `[60]`
+    /// moved the sandbox clock), and for a string, number or null its
+    /// message names the Rust type instead of what to send.
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        let axum::Json(raw) = axum::Json::<Box<RawValue>>::from_request(req, state)
+            .await
+            .map_err(json_rejection)?;
+        if !raw.get().starts_with('{') {
+            return Err(AdminError::bad_request("the body must be a JSON object"));
+        }
+        match axum::Json::<T>::from_bytes(raw.get().as_bytes()) {
             Ok(axum::Json(v)) => Ok(AdminJson(v)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
@@ -267,6 +278,26 @@ pub fn money<'de, D: Deserializer<'de>>(d: D) -> Result<Money, D::Error> {
     let text = decimal_text(d)?;
     // The text is not repeated: whatever was sent in its place is not echoed.
     Money::parse(&text).map_err(|e| D::Error::custom(format!("invalid amount: {e}")))
+}
+
+/// Deserializes an amount that may be left out or sent as `null`, both of
+/// which mean "none" (`#[serde(default)]` covers the field left out).
+pub fn optional_money<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Money>, D::Error> {
+    let raw: Option<Box<RawValue>> = Deserialize::deserialize(d)?;
+    match raw {
+        None => Ok(None),
+        Some(raw) => money(raw.as_ref()).map(Some).map_err(D::Error::custom),
+    }
+}
+
+/// For an optional field whose absence is its default (an empty list):
+/// `null` means the same.
+pub fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// Deserializes a percentage with up to two decimals: `"20"`, `12.5`.

@@ -37,7 +37,7 @@ pub struct NewMerchant {
     /// A separate secret for `/tokenregenerate`; the main secret by default.
     #[serde(default)]
     pub regen_secret: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "admin::null_as_default")]
     pub aggregated_merchant_ids: Vec<String>,
 }
 
@@ -399,15 +399,17 @@ async fn get_merchant(
 #[serde(deny_unknown_fields)]
 struct NewWallet {
     cell: String,
-    #[serde(deserialize_with = "admin::money", default)]
-    balance: Money,
+    /// Left out or `null`: an empty wallet.
+    #[serde(deserialize_with = "admin::optional_money", default)]
+    balance: Option<Money>,
 }
 
 async fn post_wallet(
     State(rail): Shared,
     AdminJson(req): AdminJson<NewWallet>,
 ) -> Result<axum::response::Response, AdminError> {
-    let (created, view) = create_wallet(&rail, req.cell, req.balance).await?;
+    let (created, view) =
+        create_wallet(&rail, req.cell, req.balance.unwrap_or(Money::ZERO)).await?;
     Ok(created_or_ok(created, view))
 }
 
