@@ -14,7 +14,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use postgres::error::SqlState;
+use postgres::error::{Severity, SqlState};
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{Client, NoTls, Statement};
 
@@ -155,30 +155,8 @@ pub(crate) fn translate(sql: &str) -> String {
 }
 
 pub(crate) fn classify(e: postgres::Error) -> DbError {
-    let kind = match e.code() {
-        Some(c) if *c == SqlState::UNIQUE_VIOLATION => DbErrorKind::UniqueViolation,
-        Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => DbErrorKind::ForeignKeyViolation,
-        Some(c) if *c == SqlState::CHECK_VIOLATION => DbErrorKind::CheckViolation,
-        Some(c)
-            if *c == SqlState::T_R_DEADLOCK_DETECTED
-                || *c == SqlState::T_R_SERIALIZATION_FAILURE
-                || *c == SqlState::LOCK_NOT_AVAILABLE
-                || *c == SqlState::QUERY_CANCELED =>
-        {
-            DbErrorKind::Retryable
-        }
-        Some(c)
-            if *c == SqlState::ADMIN_SHUTDOWN
-                || *c == SqlState::CRASH_SHUTDOWN
-                || *c == SqlState::CANNOT_CONNECT_NOW
-                || *c == SqlState::CONNECTION_EXCEPTION
-                || *c == SqlState::CONNECTION_FAILURE
-                || *c == SqlState::TOO_MANY_CONNECTIONS
-                || *c == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT =>
-        {
-            DbErrorKind::Unavailable
-        }
-        Some(_) => DbErrorKind::Other,
+    let kind = match e.as_db_error() {
+        Some(db) => kind_of(db.code(), db.parsed_severity()),
         // No SQLSTATE: the connection failed (refused, reset, closed), or the
         // client refused a value before sending it.
         None if e.is_closed() || io_error(&e) => DbErrorKind::Unavailable,
@@ -200,6 +178,46 @@ pub(crate) fn classify(e: postgres::Error) -> DbError {
         }
     };
     DbError::new(kind, detail)
+}
+
+/// What an error the server reported means for the work in hand.
+///
+/// Its severity comes first. `FATAL` and `PANIC` end the session, whatever
+/// the code (a standby's recovery conflict is `FATAL` with 40001, which would
+/// otherwise read as "run it again here"), and only they can follow a
+/// `COMMIT` whose record is already on disk: an `fsync` failure while
+/// flushing it is a `PANIC` sent to the client, and so is any error after
+/// the commit record is written ("cannot abort transaction …, it was
+/// already committed"). Classed as `Unavailable`, such an answer to
+/// `COMMIT` is settled from the writer's marker row, like a lost
+/// connection. An `ERROR` answer to `COMMIT` is a rollback.
+fn kind_of(code: &SqlState, severity: Option<Severity>) -> DbErrorKind {
+    if matches!(severity, Some(Severity::Fatal | Severity::Panic)) {
+        return DbErrorKind::Unavailable;
+    }
+    match code {
+        c if *c == SqlState::UNIQUE_VIOLATION => DbErrorKind::UniqueViolation,
+        c if *c == SqlState::FOREIGN_KEY_VIOLATION => DbErrorKind::ForeignKeyViolation,
+        c if *c == SqlState::CHECK_VIOLATION => DbErrorKind::CheckViolation,
+        c if *c == SqlState::T_R_DEADLOCK_DETECTED
+            || *c == SqlState::T_R_SERIALIZATION_FAILURE
+            || *c == SqlState::LOCK_NOT_AVAILABLE
+            || *c == SqlState::QUERY_CANCELED =>
+        {
+            DbErrorKind::Retryable
+        }
+        c if *c == SqlState::ADMIN_SHUTDOWN
+            || *c == SqlState::CRASH_SHUTDOWN
+            || *c == SqlState::CANNOT_CONNECT_NOW
+            || *c == SqlState::CONNECTION_EXCEPTION
+            || *c == SqlState::CONNECTION_FAILURE
+            || *c == SqlState::TOO_MANY_CONNECTIONS
+            || *c == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT =>
+        {
+            DbErrorKind::Unavailable
+        }
+        _ => DbErrorKind::Other,
+    }
 }
 
 fn io_error(e: &postgres::Error) -> bool {
@@ -366,7 +384,58 @@ impl Conn for PgConn {
 
 #[cfg(test)]
 mod tests {
-    use super::translate;
+    use super::{kind_of, translate};
+    use crate::conn::DbErrorKind;
+    use postgres::error::{Severity, SqlState};
+
+    #[test]
+    fn an_error_that_ends_the_session_leaves_a_commit_open() {
+        use DbErrorKind::*;
+        let cases = [
+            // An fsync failure while flushing a commit record.
+            (SqlState::IO_ERROR, Some(Severity::Panic), Unavailable),
+            (SqlState::DISK_FULL, Some(Severity::Panic), Unavailable),
+            (SqlState::INTERNAL_ERROR, Some(Severity::Panic), Unavailable),
+            // A standby's recovery conflict ends the session.
+            (
+                SqlState::T_R_SERIALIZATION_FAILURE,
+                Some(Severity::Fatal),
+                Unavailable,
+            ),
+            (
+                SqlState::T_R_SERIALIZATION_FAILURE,
+                Some(Severity::Error),
+                Retryable,
+            ),
+            (SqlState::IO_ERROR, Some(Severity::Error), Other),
+            (SqlState::DISK_FULL, None, Other),
+            (
+                SqlState::UNIQUE_VIOLATION,
+                Some(Severity::Error),
+                UniqueViolation,
+            ),
+            (
+                SqlState::FOREIGN_KEY_VIOLATION,
+                Some(Severity::Error),
+                ForeignKeyViolation,
+            ),
+            (
+                SqlState::CHECK_VIOLATION,
+                Some(Severity::Error),
+                CheckViolation,
+            ),
+            (
+                SqlState::LOCK_NOT_AVAILABLE,
+                Some(Severity::Error),
+                Retryable,
+            ),
+            (SqlState::ADMIN_SHUTDOWN, Some(Severity::Fatal), Unavailable),
+            (SqlState::ADMIN_SHUTDOWN, None, Unavailable),
+        ];
+        for (code, severity, want) in cases {
+            assert_eq!(kind_of(&code, severity), want, "{code:?} {severity:?}");
+        }
+    }
 
     #[test]
     fn translates_placeholders_and_locks() {

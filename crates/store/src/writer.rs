@@ -548,10 +548,14 @@ impl Writer {
             crate::ledger::apply_deferred(&mut tx, &deferred, writer)
         };
         if prepared.is_ok() && conn.dialect() == Dialect::Postgres {
+            // An upsert, not an UPDATE: were the row deleted (an operator
+            // pruning the table), an UPDATE would change nothing, and a lost
+            // COMMIT of this batch would then read as not committed.
             prepared = conn
                 .execute(
-                    "UPDATE payrail_writers SET last_batch = ?2 WHERE id = ?1",
-                    &[id.into(), seq.into()],
+                    "INSERT INTO payrail_writers (id, last_batch, started_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (id) DO UPDATE SET last_batch = excluded.last_batch",
+                    &[id.into(), seq.into(), now.wall.millis().into()],
                 )
                 .map(drop)
                 .map_err(StoreError::from);
@@ -572,8 +576,10 @@ impl Writer {
         }
         if let Err(e) = conn.control(Control::Commit) {
             let _ = conn.control(Control::Rollback);
-            // A refusal from the server means no commit; a broken connection
-            // leaves it open.
+            // An `ERROR` from the server, or the connection's own refusal,
+            // means no commit. A broken connection, or a session the server
+            // ended (a `PANIC` on an `fsync` failure, for one), leaves it
+            // open: both are `Unavailable` (see `postgres::kind_of`).
             let during_commit =
                 e.kind == DbErrorKind::Unavailable && conn.dialect() == Dialect::Postgres;
             return Err(BatchFailure {
@@ -1007,7 +1013,7 @@ mod lost_commit {
             if self.0.down.load(Ordering::SeqCst) {
                 return Err(gone());
             }
-            if sql.starts_with("UPDATE payrail_writers")
+            if sql.contains("DO UPDATE SET last_batch")
                 && let Some(Param::Int(seq)) = params.get(1)
             {
                 self.0.pending_marker.store(*seq, Ordering::SeqCst);

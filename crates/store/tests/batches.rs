@@ -199,3 +199,27 @@ async fn reservations_that_cannot_be_voided_do_not_hold_up_expiry() {
     assert!(v.ok(), "{:?}", v.problems);
     store.close().await;
 }
+
+/// On PostgreSQL a batch writes its number into its writer's marker row, so
+/// that a COMMIT whose answer is lost can be settled by reading it. Were the
+/// row deleted behind the store's back (an operator pruning the table), a
+/// batch that only updated it would leave no mark, and its lost COMMIT would
+/// read as not committed: each batch puts the row back.
+#[tokio::test]
+async fn a_deleted_writer_marker_comes_back_with_the_next_batch() {
+    let t = common::open().await;
+    if !t.db.is_postgres() {
+        return;
+    }
+    let a = paid_pair(&t.store, AccountFlags::NONE).await;
+    assert_ne!(t.db.sql("SELECT count(*) FROM payrail_writers"), ["0"]);
+    t.db.sql("DELETE FROM payrail_writers");
+    t.store
+        .write(move |tx| ledger::transfer(tx, &transfer("after", a.0, a.1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        t.db.sql("SELECT count(*) FROM payrail_writers WHERE last_batch > 0"),
+        ["1"]
+    );
+}
