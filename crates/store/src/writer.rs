@@ -131,8 +131,12 @@ struct BatchFailure {
     /// Units rolled back for a lock conflict, to run in a later batch whatever
     /// became of this one.
     retry: Vec<Queued>,
-    /// Units that settled on their own (rolled back, panicked) with their answers.
-    settled: Vec<(Box<dyn Job>, Option<StoreError>)>,
+    /// Units that settled on their own (rolled back, panicked) with their
+    /// answers. They keep their count of runs: a batch that fails runs them
+    /// again, and a count started afresh each time would let batches that
+    /// keep failing (a lock cycle at the end of every batch) run them for
+    /// ever.
+    settled: Vec<(Queued, Option<StoreError>)>,
     /// The error came while `COMMIT` was in flight.
     during_commit: bool,
     /// A unit ran without a savepoint and failed after writing, or after a
@@ -208,10 +212,7 @@ impl Writer {
         let (result, later) = match self.try_batch(batch, false) {
             Err(f) if f.redo_with_savepoints => {
                 metrics::counter!("payrail_group_commit_redos_total").increment(1);
-                let settled = f
-                    .settled
-                    .into_iter()
-                    .map(|(job, _)| Queued { job, attempts: 0 });
+                let settled = f.settled.into_iter().map(|(q, _)| q);
                 let units = f.units.into_iter().chain(settled).collect();
                 (self.try_batch(units, true), f.retry)
             }
@@ -265,8 +266,8 @@ impl Writer {
         if failure.during_commit && self.committed_after_all() {
             tracing::warn!("the connection broke during COMMIT, but the batch is committed");
             metrics::counter!("payrail_ledger_commits_total").increment(1);
-            for (job, err) in failure.settled {
-                job.finish(err.map_or(Ok(()), Err));
+            for (q, err) in failure.settled {
+                q.job.finish(err.map_or(Ok(()), Err));
             }
             for q in failure.units {
                 q.job.finish(Ok(()));
@@ -299,10 +300,7 @@ impl Writer {
             self.cfg.max_attempts
         };
         let mut again = Vec::new();
-        let settled = failure
-            .settled
-            .into_iter()
-            .map(|(job, _)| Queued { job, attempts: 0 });
+        let settled = failure.settled.into_iter().map(|(q, _)| q);
         for mut q in failure
             .units
             .into_iter()
@@ -433,7 +431,7 @@ impl Writer {
 
         let mut deferred = Deferred::new();
         let mut committed: Vec<Queued> = Vec::with_capacity(batch.len());
-        let mut settled: Vec<(Box<dyn Job>, Option<StoreError>)> = Vec::new();
+        let mut settled: Vec<(Queued, Option<StoreError>)> = Vec::new();
         let mut retry: Vec<Queued> = Vec::new();
         let mut rest = batch.into_iter();
         // A batch first runs without savepoints: units check before they
@@ -536,7 +534,7 @@ impl Writer {
                     // The unit chose to roll back and reports its own error.
                     Ok(Outcome::Rollback) => None,
                 };
-                settled.push((q.job, err));
+                settled.push((q, err));
             }
         }
 
@@ -591,8 +589,12 @@ impl Writer {
                 redo_with_savepoints: false,
             });
         }
-        settled.extend(committed.into_iter().map(|q| (q.job, None)));
-        Ok((settled, retry))
+        let done = settled
+            .into_iter()
+            .map(|(q, err)| (q.job, err))
+            .chain(committed.into_iter().map(|q| (q.job, None)))
+            .collect();
+        Ok((done, retry))
     }
 }
 
@@ -988,6 +990,8 @@ mod lost_commit {
         in_flight: AtomicBool,
         /// A `FOR UPDATE` read is waiting for the in-flight COMMIT.
         lock_waited: AtomicBool,
+        /// Every batch's marker write meets a lock timeout.
+        marker_busy: AtomicBool,
     }
 
     impl Server {
@@ -1012,6 +1016,10 @@ mod lost_commit {
         fn execute(&mut self, sql: &'static str, params: &[Param<'_>]) -> Result<u64, DbError> {
             if self.0.down.load(Ordering::SeqCst) {
                 return Err(gone());
+            }
+            if sql.contains("DO UPDATE SET last_batch") && self.0.marker_busy.load(Ordering::SeqCst)
+            {
+                return Err(DbError::new(DbErrorKind::Retryable, "lock timeout"));
             }
             if sql.contains("DO UPDATE SET last_batch")
                 && let Some(Param::Int(seq)) = params.get(1)
@@ -1071,6 +1079,19 @@ mod lost_commit {
     impl Job for Probe {
         fn run(&mut self, _: &mut Tx<'_>) -> Outcome {
             Outcome::Commit
+        }
+
+        fn finish(self: Box<Self>, durable: Result<(), StoreError>) {
+            let _ = self.0.send(durable);
+        }
+    }
+
+    /// A unit that refuses, having written nothing.
+    struct Refusal(mpsc::Sender<Result<(), StoreError>>);
+
+    impl Job for Refusal {
+        fn run(&mut self, _: &mut Tx<'_>) -> Outcome {
+            Outcome::Rollback
         }
 
         fn finish(self: Box<Self>, durable: Result<(), StoreError>) {
@@ -1229,6 +1250,24 @@ mod lost_commit {
         queue.send(Msg::Stop).unwrap();
         let answer = in_doubt.recv_timeout(GUARD).unwrap();
         assert!(answer.is_ok(), "a kept batch was told {answer:?}");
+        writer.join().unwrap();
+    }
+
+    /// A unit that refuses settles alone, but its batch may still fail
+    /// (here every batch's marker write meets a lock timeout), and then it
+    /// runs again with the others. Its runs are counted across batches, so it
+    /// is answered once the limit is reached instead of running for ever.
+    #[test]
+    fn a_refusal_in_batches_that_keep_failing_is_answered() {
+        let (server, queue, writer) = start();
+        server.marker_busy.store(true, Ordering::SeqCst);
+        let (tx, refused) = mpsc::channel();
+        queue.send(Msg::Job(Box::new(Refusal(tx)))).unwrap();
+        let answer = refused.recv_timeout(GUARD).unwrap();
+        assert!(matches!(answer, Err(StoreError::Busy(_))), "{answer:?}");
+        server.marker_busy.store(false, Ordering::SeqCst);
+        assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
+        queue.send(Msg::Stop).unwrap();
         writer.join().unwrap();
     }
 }
