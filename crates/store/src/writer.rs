@@ -1073,35 +1073,27 @@ mod lost_commit {
         }
     }
 
-    /// A unit that writes nothing itself and reports how it ended.
-    struct Probe(mpsc::Sender<Result<(), StoreError>>);
+    /// A unit that writes nothing itself, ends as told (`Rollback`: it
+    /// refuses), and reports how it was answered.
+    struct Probe(Outcome, mpsc::Sender<Result<(), StoreError>>);
 
     impl Job for Probe {
         fn run(&mut self, _: &mut Tx<'_>) -> Outcome {
-            Outcome::Commit
+            self.0
         }
 
         fn finish(self: Box<Self>, durable: Result<(), StoreError>) {
-            let _ = self.0.send(durable);
-        }
-    }
-
-    /// A unit that refuses, having written nothing.
-    struct Refusal(mpsc::Sender<Result<(), StoreError>>);
-
-    impl Job for Refusal {
-        fn run(&mut self, _: &mut Tx<'_>) -> Outcome {
-            Outcome::Rollback
-        }
-
-        fn finish(self: Box<Self>, durable: Result<(), StoreError>) {
-            let _ = self.0.send(durable);
+            let _ = self.1.send(durable);
         }
     }
 
     fn probe(queue: &flume::Sender<Msg>) -> mpsc::Receiver<Result<(), StoreError>> {
+        sent(queue, Outcome::Commit)
+    }
+
+    fn sent(queue: &flume::Sender<Msg>, ends: Outcome) -> mpsc::Receiver<Result<(), StoreError>> {
         let (tx, rx) = mpsc::channel();
-        queue.send(Msg::Job(Box::new(Probe(tx)))).unwrap();
+        queue.send(Msg::Job(Box::new(Probe(ends, tx)))).unwrap();
         rx
     }
 
@@ -1261,8 +1253,7 @@ mod lost_commit {
     fn a_refusal_in_batches_that_keep_failing_is_answered() {
         let (server, queue, writer) = start();
         server.marker_busy.store(true, Ordering::SeqCst);
-        let (tx, refused) = mpsc::channel();
-        queue.send(Msg::Job(Box::new(Refusal(tx)))).unwrap();
+        let refused = sent(&queue, Outcome::Rollback);
         let answer = refused.recv_timeout(GUARD).unwrap();
         assert!(matches!(answer, Err(StoreError::Busy(_))), "{answer:?}");
         server.marker_busy.store(false, Ordering::SeqCst);
