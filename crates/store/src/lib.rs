@@ -211,7 +211,7 @@ impl Default for PgTuning {
             // in a later batch. On 40 wallets over three nodes, 500 ms gave
             // 170-340 debits/s with p99 1.0-2.5 s, 50 ms 1,290-1,360/s with
             // p99 0.17 s; one node's spread run was the same with either
-            // (README, *Scaling out*).
+            // (README, *Contention between nodes*).
             lock_timeout: std::time::Duration::from_millis(50),
         }
     }

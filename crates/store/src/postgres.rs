@@ -391,45 +391,26 @@ mod tests {
     #[test]
     fn an_error_that_ends_the_session_leaves_a_commit_open() {
         use DbErrorKind::*;
+        let (panic, fatal, error) = (
+            Some(Severity::Panic),
+            Some(Severity::Fatal),
+            Some(Severity::Error),
+        );
         let cases = [
             // An fsync failure while flushing a commit record.
-            (SqlState::IO_ERROR, Some(Severity::Panic), Unavailable),
-            (SqlState::DISK_FULL, Some(Severity::Panic), Unavailable),
-            (SqlState::INTERNAL_ERROR, Some(Severity::Panic), Unavailable),
+            (SqlState::IO_ERROR, panic, Unavailable),
+            (SqlState::DISK_FULL, panic, Unavailable),
+            (SqlState::INTERNAL_ERROR, panic, Unavailable),
             // A standby's recovery conflict ends the session.
-            (
-                SqlState::T_R_SERIALIZATION_FAILURE,
-                Some(Severity::Fatal),
-                Unavailable,
-            ),
-            (
-                SqlState::T_R_SERIALIZATION_FAILURE,
-                Some(Severity::Error),
-                Retryable,
-            ),
-            (SqlState::IO_ERROR, Some(Severity::Error), Other),
+            (SqlState::T_R_SERIALIZATION_FAILURE, fatal, Unavailable),
+            (SqlState::T_R_SERIALIZATION_FAILURE, error, Retryable),
+            (SqlState::IO_ERROR, error, Other),
             (SqlState::DISK_FULL, None, Other),
-            (
-                SqlState::UNIQUE_VIOLATION,
-                Some(Severity::Error),
-                UniqueViolation,
-            ),
-            (
-                SqlState::FOREIGN_KEY_VIOLATION,
-                Some(Severity::Error),
-                ForeignKeyViolation,
-            ),
-            (
-                SqlState::CHECK_VIOLATION,
-                Some(Severity::Error),
-                CheckViolation,
-            ),
-            (
-                SqlState::LOCK_NOT_AVAILABLE,
-                Some(Severity::Error),
-                Retryable,
-            ),
-            (SqlState::ADMIN_SHUTDOWN, Some(Severity::Fatal), Unavailable),
+            (SqlState::UNIQUE_VIOLATION, error, UniqueViolation),
+            (SqlState::FOREIGN_KEY_VIOLATION, error, ForeignKeyViolation),
+            (SqlState::CHECK_VIOLATION, error, CheckViolation),
+            (SqlState::LOCK_NOT_AVAILABLE, error, Retryable),
+            (SqlState::ADMIN_SHUTDOWN, fatal, Unavailable),
             (SqlState::ADMIN_SHUTDOWN, None, Unavailable),
         ];
         for (code, severity, want) in cases {

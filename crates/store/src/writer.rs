@@ -1017,14 +1017,14 @@ mod lost_commit {
             if self.0.down.load(Ordering::SeqCst) {
                 return Err(gone());
             }
-            if sql.contains("DO UPDATE SET last_batch") && self.0.marker_busy.load(Ordering::SeqCst)
-            {
-                return Err(DbError::new(DbErrorKind::Retryable, "lock timeout"));
-            }
-            if sql.contains("DO UPDATE SET last_batch")
-                && let Some(Param::Int(seq)) = params.get(1)
-            {
-                self.0.pending_marker.store(*seq, Ordering::SeqCst);
+            // The batch's marker write.
+            if sql.contains("DO UPDATE SET last_batch") {
+                if self.0.marker_busy.load(Ordering::SeqCst) {
+                    return Err(DbError::new(DbErrorKind::Retryable, "lock timeout"));
+                }
+                if let Some(Param::Int(seq)) = params.get(1) {
+                    self.0.pending_marker.store(*seq, Ordering::SeqCst);
+                }
             }
             Ok(1)
         }
