@@ -510,6 +510,53 @@ async fn one_otp_pays_one_of_many_racing_debits() {
     s.verify_ok().await;
 }
 
+/// OTP requests for one cell from several merchants, all at once. README:
+/// at most 5 OTPs per cell per hour, whichever merchant asks. One merchant's
+/// requests are ordered by its single open OTP; different merchants' are
+/// not, so on PostgreSQL nodes that each counted 4 issued could each issue
+/// a fifth. Exactly 5 may be sent; every other request gets 148, and the
+/// sandbox's outbox holds exactly the 5 messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_otp_requests_from_many_merchants_stop_at_the_cells_limit() {
+    const MERCHANTS: usize = 6;
+    const N: usize = 24;
+    let s = Nodes::start().await;
+    let w = cell(106);
+    let (st, v) = s
+        .admin_post("/wallets", json!({ "cell": w, "balance": "10.00" }))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let mids: Vec<String> = (0..MERCHANTS).map(|m| format!("MBK71{m:02}")).collect();
+    for mid in &mids {
+        let (st, v) = s
+            .admin_post(
+                "/mobikwik/merchants",
+                json!({ "mid": mid, "name": "Racer", "secret": "racer-secret-123" }),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    let answers = race(N, |i| {
+        let c = Client::new(
+            &s.node(i).url(""),
+            &mids[i % MERCHANTS],
+            "Racer",
+            "racer-secret-123",
+        );
+        let req = c.otp_generate_request(&w, "5.00");
+        send_later(&c, req)
+    })
+    .await;
+    assert_eq!(
+        tally(answers.iter().map(|r| r.statuscode().to_string())),
+        counts(&[("0", 5), ("148", N - 5)]),
+        "{answers:#?}"
+    );
+    let (st, v) = s.admin_get(&format!("/sandbox/messages?to={w}")).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v.as_array().map(Vec::len), Some(5), "{v:#}");
+}
+
 /// Debits racing with one orderid but different amounts (the same amount
 /// is `one_orderid_racing_debits_once` in mobikwik.rs). README: the orderid
 /// must be unused by this merchant (304). Exactly one debit may be made,

@@ -268,7 +268,21 @@ pub struct OtpRow {
 }
 
 /// OTPs issued to `cell` (for any merchant) at or after `since`.
+///
+/// On PostgreSQL this first takes a lock on the cell, held until the batch
+/// commits: the count is a limit only if no other writer can count the
+/// same rows and issue beside it. The unique open OTP per (mid, cell)
+/// already orders two writers issuing for one merchant; for two merchants
+/// nothing else would, and nodes could each issue the cell's last allowed
+/// OTP. A writer kept waiting past `lock_timeout_ms` runs the unit again.
 pub fn otps_issued_since(tx: &mut Tx<'_>, cell: &str, since: Timestamp) -> Result<i64, StoreError> {
+    if !tx.serialized() {
+        // Two 32-bit keys: a key space apart from MIGRATION_LOCK's 64-bit one.
+        tx.query(
+            "SELECT 1 FROM pg_advisory_xact_lock(7405320, hashtext(?1))",
+            &[cell.into()],
+        )?;
+    }
     tx.query_one(
         "SELECT COUNT(*) FROM mbk_otps WHERE cell = ?1 AND created_at >= ?2",
         &[cell.into(), since.millis().into()],
