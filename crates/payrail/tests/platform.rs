@@ -484,6 +484,26 @@ fn a_mistyped_database_url_is_refused_without_its_password() {
     );
 }
 
+/// An address that cannot be listened on (taken, or not an address) stops
+/// the start before the database is touched: a fresh SQLite file is not
+/// even created, let alone claimed for sandbox mode.
+#[test]
+fn an_address_it_cannot_listen_on_is_refused_before_the_database_is_opened() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("never.db");
+    let url = format!("sqlite://{}", file.display());
+    for listen in [taken.as_str(), "127.0.0.1:99999", "no-port-here"] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_payrail"));
+        cmd.args(["serve", "--sandbox", "--listen", listen, "--db", &url]);
+        let stderr = refusal_at_start(cmd, listen);
+        assert!(stderr.contains("cannot listen on"), "{listen}: {stderr}");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{listen}: files were created: {left:?}");
+    }
+}
+
 #[tokio::test]
 async fn refuses_to_start_without_an_admin_token() {
     let db = Db::fresh();

@@ -206,6 +206,38 @@ async fn readyz(State(store): State<Store>) -> impl IntoResponse {
     }
 }
 
+/// What tokio's `TcpListener::bind` asks for.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds the address without listening on it, before the database is
+/// opened. A mistyped or taken address then stops the start before it has
+/// created, migrated or claimed a database (a fresh one would be claimed
+/// for the mode asked, for good), and until the app is built a client is
+/// refused instead of waiting in a backlog no one reads. Each address the
+/// name resolves to is tried in turn, as `TcpListener::bind` does.
+async fn bind_unlistened(listen: &str) -> std::io::Result<tokio::net::TcpSocket> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(listen).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As `TcpListener::bind` does: a restart need not wait out TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr) {
+            Ok(()) => return Ok(socket),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the name resolved to no address",
+        )
+    }))
+}
+
 /// `payrail serve`: runs until SIGINT/SIGTERM, then drains and flushes.
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let cfg = Config::resolve(&args)?;
@@ -215,9 +247,12 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let connections = cfg.store.readers.saturating_add(cfg.postgres.writers);
     let reserve = connections.saturating_mul(4).saturating_add(128);
     let max_connections = http::connection_cap(cfg.limits.max_connections, reserve);
-    let app = build(&cfg).await?;
-    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+    let socket = bind_unlistened(&cfg.listen)
         .await
+        .map_err(|e| ServeError::Startup(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    let app = build(&cfg).await?;
+    let listener = socket
+        .listen(LISTEN_BACKLOG)
         .map_err(|e| ServeError::Startup(format!("cannot listen on {}: {e}", cfg.listen)))?;
     let addr = listener
         .local_addr()
