@@ -309,13 +309,62 @@ enum Applied {
 /// would not fit changes nothing. (PostgreSQL's delta rows and fold keep the
 /// engine's own error: it stores no wrong number.)
 fn ceilings(delta: &Delta) -> [i64; 4] {
+    ceilings_below(i64::MAX, delta)
+}
+
+/// The largest value each total may have for `delta` to keep it at or below
+/// `limit`.
+fn ceilings_below(limit: i64, delta: &Delta) -> [i64; 4] {
     [
         delta.debits_pending,
         delta.debits_posted,
         delta.credits_pending,
         delta.credits_posted,
     ]
-    .map(|d| i64::MAX - d.max(0))
+    .map(|d| limit - d.max(0))
+}
+
+/// With several writers, a debit of an account without the never-negative
+/// rule is queued to the batch's end, like a credit, while every total with
+/// it stays at or below this; past it, it takes the checked update.
+///
+/// A queued change cannot be refused one by one: a total pushed past
+/// `i64::MAX` would fail the account's fold instead (PostgreSQL stores no
+/// wrong number). What each writer has queued but not committed is unseen
+/// by the others, but each kept its own account's totals within this
+/// limit; so W writers with open batches can take a total to at most W
+/// times it, and this one (`i64::MAX / 4096`, 2.2e15 minor units) leaves
+/// room for 4,096 writers over all nodes. Accounts that issue money (the
+/// issuance and promotions accounts) are debited by every wallet opening,
+/// admin credit and cashback: checked, each such debit locked the one row
+/// until its batch committed, and writers took turns on it.
+pub const QUEUED_DEBIT_LIMIT: i64 = i64::MAX >> 12;
+
+/// PostgreSQL: may `delta`, which lowers what `account` (an account without
+/// the never-negative rule) has available, be queued? Only if its totals,
+/// with the committed delta rows and this batch's queued changes, stay
+/// within [`QUEUED_DEBIT_LIMIT`]. One statement reads the row and its delta
+/// rows, so a fold committing meanwhile is seen whole or not at all.
+fn may_queue_debit(tx: &mut Tx<'_>, account: AccountId, delta: &Delta) -> Result<bool, StoreError> {
+    let mut landing = tx.deferred(account);
+    landing.add(delta);
+    let [dp, dpo, cp, cpo] = ceilings_below(QUEUED_DEBIT_LIMIT, &landing);
+    let roomy = tx.query_opt(
+        "SELECT a.id FROM accounts a LEFT JOIN account_deltas d ON d.account_id = a.id
+          WHERE a.id = ?1 GROUP BY a.id
+         HAVING a.debits_pending + COALESCE(SUM(d.debits_pending), 0) <= CAST(?2 AS BIGINT)
+            AND a.debits_posted + COALESCE(SUM(d.debits_posted), 0) <= CAST(?3 AS BIGINT)
+            AND a.credits_pending + COALESCE(SUM(d.credits_pending), 0) <= CAST(?4 AS BIGINT)
+            AND a.credits_posted + COALESCE(SUM(d.credits_posted), 0) <= CAST(?5 AS BIGINT)",
+        &[
+            account.0.into(),
+            dp.into(),
+            dpo.into(),
+            cp.into(),
+            cpo.into(),
+        ],
+    )?;
+    Ok(roomy.is_some())
 }
 
 /// Applies `delta` to `account`: at once and only if the account's rules allow
@@ -335,11 +384,27 @@ fn apply_delta(tx: &mut Tx<'_>, account: AccountId, delta: Delta) -> Result<Appl
     // fold (which moves delta rows into the row) it would count that money
     // twice. The statement after the lock starts after the fold committed
     // and sees both halves of it.
+    //
+    // Only a never-negative account's row is locked by the first statement
+    // (a locking read locks only the rows it returns); any other account's
+    // debit is queued if it may be (see [`QUEUED_DEBIT_LIMIT`]), else locked.
     if !tx.serialized() {
-        tx.query_opt(
-            "SELECT id FROM accounts WHERE id = ?1 FOR NO KEY UPDATE",
-            &[account.0.into()],
-        )?;
+        let locked = tx
+            .query_opt(
+                "SELECT id FROM accounts WHERE id = ?1 AND (flags & 1) = 1 FOR NO KEY UPDATE",
+                &[account.0.into()],
+            )?
+            .is_some();
+        if !locked {
+            if may_queue_debit(tx, account, &delta)? {
+                tx.defer(account, delta);
+                return Ok(Applied::Yes);
+            }
+            tx.query_opt(
+                "SELECT id FROM accounts WHERE id = ?1 FOR NO KEY UPDATE",
+                &[account.0.into()],
+            )?;
+        }
     }
     let floor = tx.deferred(account).available_change() + delta.available_change();
     // With this batch's queued changes to the account, which land at the

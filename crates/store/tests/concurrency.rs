@@ -772,3 +772,69 @@ async fn reserve(store: &Store, debit: AccountId, credit: AccountId, secs: u64) 
         .record
         .id
 }
+
+/// PostgreSQL: a debit of an account that issues money (no never-negative
+/// rule) is queued like a credit, so it does not wait for another node
+/// whose open batch holds that account's row; nor does a reservation on it.
+/// A never-negative account's debit still waits for its row: its balance
+/// must be checked against the newest one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debits_of_an_issuing_account_do_not_wait_for_its_row() {
+    let t = common::open().await;
+    let payrail_store::Location::Postgres(url) = t.db.location.clone() else {
+        return; // SQLite: one writer, no row locks.
+    };
+    let store = t.store.clone();
+    let a = accounts(&store, 3).await;
+    let (issuer, wallet, merchant) = (a[0], a[1], a[2]);
+    fund(&store, issuer, wallet, 10_000).await;
+
+    let row_of = |id: AccountId| {
+        let url = url.clone();
+        async move {
+            testkit::hold(&url, move |tx| {
+                tx.query_one(
+                    "SELECT id FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
+                    &[&id.0],
+                )
+                .unwrap();
+            })
+            .await
+        }
+    };
+    let held = row_of(issuer).await;
+    common::pay(&store, "issue-while-held", issuer, merchant, 700)
+        .await
+        .expect("a debit of the issuing account, its row held elsewhere");
+    common::reserve(&store, issuer, merchant, 300).await;
+    held.commit_once_waited_on(0).await;
+    let read = |id: AccountId| {
+        let store = store.clone();
+        async move {
+            store
+                .read(move |tx| ledger::account(tx, id))
+                .await
+                .unwrap()
+                .unwrap()
+                .balances
+        }
+    };
+    let issued = read(issuer).await;
+    assert_eq!((issued.debits_posted, issued.debits_pending), (10_700, 300));
+
+    let held = row_of(wallet).await;
+    let debit = tokio::spawn({
+        let store = store.clone();
+        async move { common::pay(&store, "spend-while-held", wallet, merchant, 400).await }
+    });
+    // Commits only once the debit waits on it; a debit that did not wait
+    // would leave this to time out.
+    held.commit_once_waited_on(1).await;
+    debit
+        .await
+        .unwrap()
+        .expect("the wallet's debit, once its row is free");
+    assert_eq!(read(wallet).await.balance(), Money::from_minor(9_600));
+    verify_ok(&store).await;
+    store.close().await;
+}

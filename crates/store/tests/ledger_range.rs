@@ -12,7 +12,7 @@ use payrail_core::{
     AccountFlags, AccountId, Currency, LedgerError, Money, TransferOp, TransferRequest,
 };
 use payrail_store::ledger::{self, Account, LedgerOpError};
-use payrail_store::{Store, StoreError};
+use payrail_store::{Store, StoreError, testkit};
 
 /// Where every test puts a total: 100 below the most it may hold.
 const EDGE: i64 = i64::MAX - 100;
@@ -201,4 +201,49 @@ async fn a_checked_debit_counts_what_the_batch_already_queued_for_the_account() 
     let from = account(&t.store, a.0).await.unwrap();
     assert_eq!(from.balances.debits_posted, i64::MAX - 20);
     assert_eq!(from.balances.debits_pending, 0);
+}
+
+/// PostgreSQL: an issuing account's debits are queued, not checked, only
+/// while its totals stay within `QUEUED_DEBIT_LIMIT`, counting the delta
+/// rows already committed. Its row is held elsewhere: a debit to exactly the
+/// limit goes through without waiting; the next, which would pass it only
+/// with the first one's delta row counted, takes the checked path and waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuing_debits_are_queued_only_within_the_limit() {
+    let t = common::open().await;
+    let payrail_store::Location::Postgres(url) = t.db.location.clone() else {
+        return; // SQLite: every debit is checked, in one writer.
+    };
+    let a = t
+        .store
+        .write(move |tx| {
+            Ok::<_, LedgerOpError>((
+                ledger::open_account(tx, "issuer", Currency::INR, AccountFlags::NONE)?,
+                ledger::open_account(tx, "to", Currency::INR, AccountFlags::NONE)?,
+            ))
+        })
+        .await
+        .unwrap();
+    let start = ledger::QUEUED_DEBIT_LIMIT - 100;
+    t.db.sql(&format!(
+        "UPDATE accounts SET debits_posted = {start} WHERE id = {}",
+        a.0.0
+    ));
+    let held = testkit::hold(&url, move |tx| {
+        tx.query_one(
+            "SELECT id FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
+            &[&a.0.0],
+        )
+        .unwrap();
+    })
+    .await;
+    common::pay(&t.store, "to-the-limit", a.0, a.1, 100)
+        .await
+        .expect("queued, so not waiting for the held row");
+    let store = t.store.clone();
+    let past = tokio::spawn(async move { common::pay(&store, "past", a.0, a.1, 1).await });
+    held.commit_once_waited_on(1).await;
+    past.await.unwrap().expect("checked once the row is free");
+    let from = account(&t.store, a.0).await.unwrap();
+    assert_eq!(from.balances.debits_posted, ledger::QUEUED_DEBIT_LIMIT + 1);
 }
