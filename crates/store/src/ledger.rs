@@ -309,66 +309,80 @@ enum Applied {
 /// would not fit changes nothing. (PostgreSQL's delta rows and fold keep the
 /// engine's own error: it stores no wrong number.)
 fn ceilings(delta: &Delta) -> [i64; 4] {
-    ceilings_below(i64::MAX, delta)
-}
-
-/// The largest value each total may have for `delta` to keep it at or below
-/// `limit`.
-fn ceilings_below(limit: i64, delta: &Delta) -> [i64; 4] {
     [
         delta.debits_pending,
         delta.debits_posted,
         delta.credits_pending,
         delta.credits_posted,
     ]
-    .map(|d| limit - d.max(0))
+    .map(|d| i64::MAX - d.max(0))
 }
 
 /// With several writers, a debit of an account without the never-negative
-/// rule is queued to the batch's end, like a credit, while every total with
-/// it stays at or below this; past it, it takes the checked update.
+/// rule is queued to the batch's end, like a credit, while the account's
+/// debits (reserved and posted together) stay at or below this; past it,
+/// it takes the checked update. Accounts that issue money (the issuance and
+/// promotions accounts) are debited by every wallet opening, admin credit
+/// and cashback: checked, each such debit locked the one row until its
+/// batch committed, and writers took turns on it.
 ///
 /// A queued change cannot be refused one by one: a total pushed past
 /// `i64::MAX` would fail the account's fold instead (PostgreSQL stores no
-/// wrong number). What each writer has queued but not committed is unseen
-/// by the others, but each kept its own account's totals within this
-/// limit; so W writers with open batches can take a total to at most W
-/// times it, and this one (`i64::MAX / 4096`, 2.2e15 minor units) leaves
-/// room for 4,096 writers over all nodes. Accounts that issue money (the
-/// issuance and promotions accounts) are debited by every wallet opening,
-/// admin credit and cashback: checked, each such debit locked the one row
-/// until its batch committed, and writers took turns on it.
+/// wrong number). What a writer has queued but not committed is unseen by
+/// the others, but each keeps what it sees, with its own batch's changes,
+/// within this limit; so W writers with open batches take the sum to at
+/// most W times it, and this one (`i64::MAX / 4096`, 2.2e15 minor units)
+/// leaves room for 4,096 writers over all nodes. The sum, not each total:
+/// posting a reservation moves its amount from reserved to posted unchecked.
+/// The totals only grow (but for voids): past the limit over its life, an
+/// account's debits are all checked, at two more round trips each.
+///
+/// Never-negative accounts are never queued, so their delta rows still only
+/// raise what they have available, and the checked update's floor, which
+/// may miss a delta row committed meanwhile, stays conservative (migration
+/// 0004 says this of every delta row; migrations are digested, not edited).
 pub const QUEUED_DEBIT_LIMIT: i64 = i64::MAX >> 12;
 
 /// PostgreSQL: may `delta`, which lowers what `account` (an account without
-/// the never-negative rule) has available, be queued? Only if its totals,
+/// the never-negative rule) has available, be queued? Only if its debits,
 /// with the committed delta rows and this batch's queued changes, stay
 /// within [`QUEUED_DEBIT_LIMIT`]. One statement reads the row and its delta
 /// rows, so a fold committing meanwhile is seen whole or not at all.
 fn may_queue_debit(tx: &mut Tx<'_>, account: AccountId, delta: &Delta) -> Result<bool, StoreError> {
     let mut landing = tx.deferred(account);
     landing.add(delta);
-    let [dp, dpo, cp, cpo] = ceilings_below(QUEUED_DEBIT_LIMIT, &landing);
+    let ceiling = QUEUED_DEBIT_LIMIT
+        .saturating_sub(landing.debits_pending.max(0))
+        .saturating_sub(landing.debits_posted.max(0));
     let roomy = tx.query_opt(
         "SELECT a.id FROM accounts a LEFT JOIN account_deltas d ON d.account_id = a.id
           WHERE a.id = ?1 GROUP BY a.id
-         HAVING a.debits_pending + COALESCE(SUM(d.debits_pending), 0) <= CAST(?2 AS BIGINT)
-            AND a.debits_posted + COALESCE(SUM(d.debits_posted), 0) <= CAST(?3 AS BIGINT)
-            AND a.credits_pending + COALESCE(SUM(d.credits_pending), 0) <= CAST(?4 AS BIGINT)
-            AND a.credits_posted + COALESCE(SUM(d.credits_posted), 0) <= CAST(?5 AS BIGINT)",
-        &[
-            account.0.into(),
-            dp.into(),
-            dpo.into(),
-            cp.into(),
-            cpo.into(),
-        ],
+         HAVING CAST(a.debits_pending AS NUMERIC) + a.debits_posted
+                + COALESCE(SUM(CAST(d.debits_pending AS NUMERIC) + d.debits_posted), 0)
+                <= CAST(?2 AS BIGINT)",
+        &[account.0.into(), ceiling.into()],
     )?;
     Ok(roomy.is_some())
 }
 
+/// PostgreSQL: the debits in `account`'s committed delta rows (negative
+/// sums, from releases, as 0). Once an account without the never-negative
+/// rule is past [`QUEUED_DEBIT_LIMIT`], its checked debits count them too:
+/// debits queued before it got there may not be folded yet.
+fn queued_debits(tx: &mut Tx<'_>, account: AccountId) -> Result<(i64, i64), StoreError> {
+    let row = tx.query_one(
+        "SELECT CAST(LEAST(COALESCE(SUM(debits_pending), 0), 9223372036854775807) AS BIGINT),
+                CAST(LEAST(COALESCE(SUM(debits_posted), 0), 9223372036854775807) AS BIGINT)
+           FROM account_deltas WHERE account_id = ?1",
+        &[account.0.into()],
+    )?;
+    Ok((row.int(0)?.max(0), row.int(1)?.max(0)))
+}
+
 /// Applies `delta` to `account`: at once and only if the account's rules allow
 /// it when it lowers what is available; otherwise queued for the batch's end.
+/// On PostgreSQL, a debit of an account without the never-negative rule is
+/// queued too, within [`QUEUED_DEBIT_LIMIT`].
 fn apply_delta(tx: &mut Tx<'_>, account: AccountId, delta: Delta) -> Result<Applied, StoreError> {
     if !delta.needs_check() {
         tx.defer(account, delta);
@@ -388,6 +402,7 @@ fn apply_delta(tx: &mut Tx<'_>, account: AccountId, delta: Delta) -> Result<Appl
     // Only a never-negative account's row is locked by the first statement
     // (a locking read locks only the rows it returns); any other account's
     // debit is queued if it may be (see [`QUEUED_DEBIT_LIMIT`]), else locked.
+    let mut unfolded = (0, 0);
     if !tx.serialized() {
         let locked = tx
             .query_opt(
@@ -404,6 +419,7 @@ fn apply_delta(tx: &mut Tx<'_>, account: AccountId, delta: Delta) -> Result<Appl
                 "SELECT id FROM accounts WHERE id = ?1 FOR NO KEY UPDATE",
                 &[account.0.into()],
             )?;
+            unfolded = queued_debits(tx, account)?;
         }
     }
     let floor = tx.deferred(account).available_change() + delta.available_change();
@@ -413,6 +429,10 @@ fn apply_delta(tx: &mut Tx<'_>, account: AccountId, delta: Delta) -> Result<Appl
     let mut landing = tx.deferred(account);
     landing.add(&delta);
     let [dp, dpo, cp, cpo] = ceilings(&landing);
+    let (dp, dpo) = (
+        dp.saturating_sub(unfolded.0),
+        dpo.saturating_sub(unfolded.1),
+    );
     let changed = tx.execute(
         "UPDATE accounts
             SET debits_pending = debits_pending + ?2, debits_posted = debits_posted + ?3,

@@ -8,7 +8,9 @@ use crate::StoreError;
 use crate::conn::{Conn, Control, DbErrorKind, Param, Row};
 use crate::seal::Sealer;
 
-/// Balance changes that cannot break any rule (credits, releases), applied to
+/// Balance changes that cannot break any rule (credits, releases; on
+/// PostgreSQL, also debits of accounts that may go negative, within
+/// `ledger::QUEUED_DEBIT_LIMIT`), applied to
 /// the account rows once per batch, just before the commit, instead of once
 /// per request. A merchant credited by a thousand debits in one batch is
 /// updated once, and on PostgreSQL its row is locked only for that moment.

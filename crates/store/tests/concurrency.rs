@@ -806,8 +806,29 @@ async fn debits_of_an_issuing_account_do_not_wait_for_its_row() {
     common::pay(&store, "issue-while-held", issuer, merchant, 700)
         .await
         .expect("a debit of the issuing account, its row held elsewhere");
-    common::reserve(&store, issuer, merchant, 300).await;
+    let pending = common::reserve(&store, issuer, merchant, 300).await;
     held.commit_once_waited_on(0).await;
+    // The queued reservation is posted in part, and everything folded.
+    store
+        .write(move |tx| {
+            ledger::transfer(
+                tx,
+                &TransferRequest {
+                    scope: "test".into(),
+                    key: "capture".into(),
+                    op: TransferOp::Post {
+                        pending,
+                        amount: Money::from_minor(200),
+                    },
+                },
+            )
+        })
+        .await
+        .unwrap();
+    store
+        .write(|tx| ledger::fold_deltas(tx, None, 1_000))
+        .await
+        .unwrap();
     let read = |id: AccountId| {
         let store = store.clone();
         async move {
@@ -820,7 +841,12 @@ async fn debits_of_an_issuing_account_do_not_wait_for_its_row() {
         }
     };
     let issued = read(issuer).await;
-    assert_eq!((issued.debits_posted, issued.debits_pending), (10_700, 300));
+    assert_eq!((issued.debits_posted, issued.debits_pending), (10_900, 0));
+    let deltas = t.db.sql(&format!(
+        "SELECT count(*) FROM account_deltas WHERE account_id = {}",
+        issuer.0
+    ));
+    assert_eq!(deltas, ["0"], "all folded");
 
     let held = row_of(wallet).await;
     let debit = tokio::spawn({

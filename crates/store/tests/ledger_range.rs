@@ -203,19 +203,9 @@ async fn a_checked_debit_counts_what_the_batch_already_queued_for_the_account() 
     assert_eq!(from.balances.debits_pending, 0);
 }
 
-/// PostgreSQL: an issuing account's debits are queued, not checked, only
-/// while its totals stay within `QUEUED_DEBIT_LIMIT`, counting the delta
-/// rows already committed. Its row is held elsewhere: a debit to exactly the
-/// limit goes through without waiting; the next, which would pass it only
-/// with the first one's delta row counted, takes the checked path and waits.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issuing_debits_are_queued_only_within_the_limit() {
-    let t = common::open().await;
-    let payrail_store::Location::Postgres(url) = t.db.location.clone() else {
-        return; // SQLite: every debit is checked, in one writer.
-    };
-    let a = t
-        .store
+/// Two accounts without the never-negative rule, "issuer" and "to".
+async fn issuing_pair(t: &common::TestStore) -> (AccountId, AccountId) {
+    t.store
         .write(move |tx| {
             Ok::<_, LedgerOpError>((
                 ledger::open_account(tx, "issuer", Currency::INR, AccountFlags::NONE)?,
@@ -223,27 +213,89 @@ async fn issuing_debits_are_queued_only_within_the_limit() {
             ))
         })
         .await
-        .unwrap();
-    let start = ledger::QUEUED_DEBIT_LIMIT - 100;
+        .unwrap()
+}
+
+/// PostgreSQL: an issuing account's debits are queued, not checked, only
+/// while its debits, reserved and posted together, stay within
+/// `QUEUED_DEBIT_LIMIT`, counting the delta rows already committed. Its row
+/// is held elsewhere: a debit to exactly the limit goes through without
+/// waiting, into a delta row; the next, past the limit only with reserved
+/// money and the first one's delta row counted, takes the checked path,
+/// waits for the row, and lands in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuing_debits_are_queued_only_within_the_limit() {
+    let t = common::open().await;
+    let payrail_store::Location::Postgres(url) = t.db.location.clone() else {
+        return; // SQLite: every debit is checked, in one writer.
+    };
+    let (issuer, to) = issuing_pair(&t).await;
+    let (posted, reserved) = (ledger::QUEUED_DEBIT_LIMIT - 100, 50);
     t.db.sql(&format!(
-        "UPDATE accounts SET debits_posted = {start} WHERE id = {}",
-        a.0.0
+        "UPDATE accounts SET debits_posted = {posted}, debits_pending = {reserved} WHERE id = {}",
+        issuer.0
     ));
     let held = testkit::hold(&url, move |tx| {
         tx.query_one(
             "SELECT id FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
-            &[&a.0.0],
+            &[&issuer.0],
         )
         .unwrap();
     })
     .await;
-    common::pay(&t.store, "to-the-limit", a.0, a.1, 100)
+    common::pay(&t.store, "to-the-limit", issuer, to, 50)
         .await
         .expect("queued, so not waiting for the held row");
     let store = t.store.clone();
-    let past = tokio::spawn(async move { common::pay(&store, "past", a.0, a.1, 1).await });
+    let past = tokio::spawn(async move { common::pay(&store, "past", issuer, to, 1).await });
     held.commit_once_waited_on(1).await;
     past.await.unwrap().expect("checked once the row is free");
-    let from = account(&t.store, a.0).await.unwrap();
-    assert_eq!(from.balances.debits_posted, ledger::QUEUED_DEBIT_LIMIT + 1);
+    let row = |column: &str| {
+        t.db.sql(&format!(
+            "SELECT {column}::text FROM accounts WHERE id = {}",
+            issuer.0
+        ))
+    };
+    assert_eq!(row("debits_posted"), [(posted + 1).to_string()]);
+    let queued = t.db.sql(&format!(
+        "SELECT SUM(debits_posted)::text FROM account_deltas WHERE account_id = {}",
+        issuer.0
+    ));
+    assert_eq!(queued, ["50"]);
+    let read = account(&t.store, issuer).await.unwrap();
+    assert_eq!(read.balances.debits_posted, posted + 51);
+}
+
+/// PostgreSQL: past the limit, a checked debit of an issuing account counts
+/// the debits still in its delta rows, queued before it got there and not
+/// yet folded: one that fits the row alone but not with them is refused,
+/// as it would be once they are folded.
+#[tokio::test]
+async fn a_checked_debit_counts_debits_not_yet_folded() {
+    let t = common::open().await;
+    if !t.db.is_postgres() {
+        return; // SQLite: nothing is queued to delta rows.
+    }
+    let (issuer, to) = issuing_pair(&t).await;
+    t.db.sql(&format!(
+        "UPDATE accounts SET debits_posted = {EDGE} WHERE id = {}",
+        issuer.0
+    ));
+    // A delta row another writer committed: 60 of debits.
+    t.db.sql(&format!(
+        "INSERT INTO account_deltas (account_id, debits_pending, debits_posted, credits_pending, credits_posted, writer_id)
+         VALUES ({}, 0, 60, 0, 0, 424242)",
+        issuer.0
+    ));
+    let refused = common::pay(&t.store, "over", issuer, to, 50).await;
+    assert!(
+        matches!(
+            refused,
+            Err(LedgerOpError::Rejected(LedgerError::TotalOverflow(id))) if id == issuer
+        ),
+        "{refused:?}"
+    );
+    common::pay(&t.store, "fits", issuer, to, 40).await.unwrap();
+    let read = account(&t.store, issuer).await.unwrap();
+    assert_eq!(read.balances.debits_posted, i64::MAX);
 }
