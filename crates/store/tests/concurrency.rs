@@ -465,24 +465,7 @@ async fn the_same_post_on_two_nodes_answers_the_same() {
         .unwrap();
     })
     .await;
-    let post = |node: Store| {
-        tokio::spawn(async move {
-            node.write(move |tx| {
-                ledger::transfer(
-                    tx,
-                    &TransferRequest {
-                        scope: "test".into(),
-                        key: "capture".into(),
-                        op: TransferOp::Post {
-                            pending,
-                            amount: Money::from_minor(4_000),
-                        },
-                    },
-                )
-            })
-            .await
-        })
-    };
+    let post = |node: Store| tokio::spawn(async move { common::post(&node, pending, 4_000).await });
     let (p1, p2) = (post(node1.clone()), post(node2.clone()));
     holder.commit_once_waited_on(2).await;
 
@@ -809,22 +792,7 @@ async fn debits_of_an_issuing_account_do_not_wait_for_its_row() {
     let pending = common::reserve(&store, issuer, merchant, 300).await;
     held.commit_once_waited_on(0).await;
     // The queued reservation is posted in part, and everything folded.
-    store
-        .write(move |tx| {
-            ledger::transfer(
-                tx,
-                &TransferRequest {
-                    scope: "test".into(),
-                    key: "capture".into(),
-                    op: TransferOp::Post {
-                        pending,
-                        amount: Money::from_minor(200),
-                    },
-                },
-            )
-        })
-        .await
-        .unwrap();
+    common::post(&store, pending, 200).await.unwrap();
     store
         .write(|tx| ledger::fold_deltas(tx, None, 1_000))
         .await

@@ -110,3 +110,27 @@ pub async fn reserve(
         .record
         .id
 }
+
+/// Posts `minor` of the reservation `pending` under the key "capture".
+pub async fn post(
+    store: &Store,
+    pending: payrail_core::TransferId,
+    minor: i64,
+) -> Result<payrail_store::ledger::Transfer, payrail_store::ledger::LedgerOpError> {
+    use payrail_core::{Money, TransferOp, TransferRequest};
+    store
+        .write(move |tx| {
+            payrail_store::ledger::transfer(
+                tx,
+                &TransferRequest {
+                    scope: "test".into(),
+                    key: "capture".into(),
+                    op: TransferOp::Post {
+                        pending,
+                        amount: Money::from_minor(minor),
+                    },
+                },
+            )
+        })
+        .await
+}
