@@ -107,6 +107,42 @@ fn command(db: &Db, opts: &Start, log: &Path) -> Command {
     cmd
 }
 
+/// A test that fails with servers still running shows what they logged above
+/// INFO: a failure on a CI machine is otherwise seen without its cause. Each
+/// distinct message once, with its count: an outage logs thousands of the
+/// same few lines, which would bury the one that matters.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let log = self.log_text();
+        let mut seen: Vec<(String, &str, usize)> = Vec::new();
+        for line in log.lines() {
+            let Some(at) = line.find(" WARN ").or_else(|| line.find(" ERROR ")) else {
+                continue;
+            };
+            // The message without its time and request span.
+            let mut key = &line[at..];
+            if let Some(i) = key.find("}: ") {
+                key = &key[i + 3..];
+            }
+            let key = key.split(" units=").next().unwrap_or(key).to_string();
+            match seen.iter_mut().find(|(k, _, _)| *k == key) {
+                Some(entry) => entry.2 += 1,
+                None => seen.push((key, line, 1)),
+            }
+        }
+        eprintln!(
+            "---- {} logged, above INFO (first of each, and how many):",
+            self.base
+        );
+        for (_, first, n) in seen.iter().take(100) {
+            eprintln!("{n:>6} × {first}");
+        }
+    }
+}
+
 impl Server {
     pub async fn start() -> Server {
         Server::start_with(Db::fresh(), Start::default()).await
