@@ -288,6 +288,22 @@ impl OwnCluster {
     fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
+
+    /// Stops the server (fast: sessions are ended), off the runtime, whose
+    /// threads the nodes' answers need meanwhile.
+    async fn stop(&self) {
+        let (script, dir) = (self.script.clone(), self.dir.path().to_path_buf());
+        let status = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(script)
+                .arg("stop")
+                .arg(dir)
+                .status()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(status.success(), "pg-test-cluster stop failed");
+    }
 }
 
 impl Drop for OwnCluster {
@@ -312,18 +328,7 @@ async fn postgres_restarting_under_load_loses_and_duplicates_nothing() {
         tokio::task::yield_now().await;
     }
 
-    let stopper = tokio::task::spawn_blocking({
-        let script = cluster.script.clone();
-        let dir = cluster.dir.path().to_path_buf();
-        move || {
-            std::process::Command::new(script)
-                .arg("stop")
-                .arg(dir)
-                .status()
-                .unwrap()
-        }
-    });
-    assert!(stopper.await.unwrap().success());
+    cluster.stop().await;
     // While it is down: fast, documented failures, and not ready.
     let http = reqwest::Client::new();
     let r = http.get(nodes[0].url("/readyz")).send().await.unwrap();
@@ -398,6 +403,161 @@ async fn postgres_restarting_under_load_loses_and_duplicates_nothing() {
     reconcile(&nodes[1], &wallets, start, &sent).await;
     drop(nodes);
     drop(db);
+}
+
+/// Runs `sql` on the test cluster's `postgres` database (the test database
+/// itself may be refusing connections), off the runtime.
+async fn admin_sql(sql: &str, db: &Db) {
+    let admin = admin_url().unwrap();
+    let name = db.url.rsplit_once('/').unwrap().1.to_string();
+    let sql = sql.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+        c.batch_execute(&sql.replace("{db}", &name)).unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+/// A debit whose `COMMIT` is cut off with nobody able to learn its outcome:
+/// a deferred trigger holds the COMMIT on an advisory lock this test owns,
+/// the database is closed to new connections, and the backend running the
+/// COMMIT is ended (so the batch surely did not commit, but the node cannot
+/// know: it cannot reconnect to read its marker). Returns the debit's task,
+/// and the lock's holder (drop it to release the lock).
+async fn debit_cut_off(
+    node: &Server,
+    orderid: &'static str,
+) -> (
+    tokio::task::JoinHandle<
+        Result<payrail_mobikwik::client::WalletResponse, payrail_mobikwik::client::ClientError>,
+    >,
+    std::sync::mpsc::Sender<()>,
+) {
+    let w = cell(70);
+    let token = node.wallet_with_token(&w, "50", "5").await;
+    node.db.inner.sql(
+        "CREATE FUNCTION hold_commit() RETURNS trigger LANGUAGE plpgsql \
+           SET lock_timeout = 0 SET statement_timeout = 0 AS $$ \
+         BEGIN PERFORM pg_advisory_lock_shared(4242); PERFORM pg_advisory_unlock_shared(4242); \
+           RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER hold_commit AFTER INSERT ON mbk_orders \
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION hold_commit()",
+    );
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let url = node.db.url.clone();
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.simple_query("SELECT pg_advisory_lock(4242)").unwrap();
+        locked.send(()).unwrap();
+        let _ = released.recv();
+    });
+    tokio::task::spawn_blocking(move || is_locked.recv().unwrap())
+        .await
+        .unwrap();
+
+    let c = node.client();
+    let debit =
+        tokio::spawn(async move { c.debit(&Debit::new(&w, "1.00", orderid, &token)).await });
+    let held = "FROM pg_stat_activity WHERE query = 'COMMIT' \
+                AND wait_event_type = 'Lock' AND wait_event = 'advisory'";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while node.db.inner.sql(&format!("SELECT count(*) {held}")) != ["1"] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the debit's COMMIT never waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cut = format!(
+        "ALTER DATABASE {{db}} ALLOW_CONNECTIONS false; \
+         SELECT pg_terminate_backend(pid) {held} AND datname = '{{db}}'"
+    );
+    admin_sql(&cut, &node.db).await;
+    while !node
+        .log_text()
+        .contains("cannot reconnect to learn a COMMIT's outcome yet")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node never tried to learn the COMMIT's outcome:\n{}",
+            node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (debit, release)
+}
+
+/// A COMMIT cut off with its connection, on a real server: the caller hears
+/// nothing while the outcome cannot be known, and once the database can be
+/// reached the node reads its marker row, learns the batch was not kept, and
+/// only then answers 99; nothing was debited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_cut_off_is_answered_once_its_outcome_is_known() {
+    let Some(admin) = admin_url() else { return };
+    let db = Db::from(TestDb::postgres(&admin));
+    let node = Server::start_on(db.clone()).await;
+    let (debit, release) = debit_cut_off(&node, "HELD_COMMIT_0001").await;
+    assert!(
+        !debit.is_finished(),
+        "answered while the outcome was unknown"
+    );
+
+    admin_sql("ALTER DATABASE {db} ALLOW_CONNECTIONS true", &db).await;
+    let r = debit
+        .await
+        .unwrap()
+        .expect("an answer once the outcome is known");
+    assert!(r.checksum_ok, "{r:?}");
+    assert_eq!(r.statuscode(), "99", "{r:?}");
+    assert!(
+        node.log_text()
+            .contains("learned a lost COMMIT's outcome from the writer's marker committed=false"),
+        "{}",
+        node.log_text()
+    );
+    drop(release);
+    assert_not_debited(&node, "HELD_COMMIT_0001").await;
+}
+
+/// The node is stopped before it can learn the outcome: the caller gets no
+/// answer at all (the connection closes), not a 99 that would say nothing
+/// was debited. (Here nothing was, as a new node sees.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_whose_outcome_is_never_learned_is_left_unanswered() {
+    let Some(admin) = admin_url() else { return };
+    let db = Db::from(TestDb::postgres(&admin));
+    let node = Server::start_on(db.clone()).await;
+    let (debit, release) = debit_cut_off(&node, "HELD_COMMIT_0002").await;
+    let first_log = node.log.clone();
+    node.sigterm();
+    // No answer: the connection closed, not an HTTP status of any kind.
+    let answer = debit.await.unwrap();
+    assert!(
+        matches!(answer, Err(payrail_mobikwik::client::ClientError::Http(_))),
+        "answered {answer:?} without knowing"
+    );
+    let (status, db) = node.exited().await;
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(&first_log).unwrap();
+    assert!(
+        log.contains("a COMMIT's outcome is unknown"),
+        "not the case under test:\n{log}"
+    );
+
+    admin_sql("ALTER DATABASE {db} ALLOW_CONNECTIONS true", &db).await;
+    drop(release);
+    let node = Server::start_on(db).await;
+    assert_not_debited(&node, "HELD_COMMIT_0002").await;
+}
+
+/// The held debit (see `debit_cut_off`) left no order and no money moved.
+async fn assert_not_debited(node: &Server, orderid: &str) {
+    let st = node.client().check_status(orderid).await.unwrap();
+    assert_ne!(st.statuscode(), "0", "{st:?}");
+    assert_eq!(node.wallet_balance(&cell(70)).await, "50.00");
+    node.verify_ok().await;
 }
 
 /// A refund returns cashback in proportion to the order's totals, so it must

@@ -30,6 +30,8 @@ pub struct AdminError {
 enum Log {
     Internal(String),
     Unavailable(String),
+    /// No answer at all: see [`crate::Unanswered`].
+    OutcomeUnknown,
 }
 
 impl AdminError {
@@ -90,6 +92,14 @@ impl From<StoreError> for AdminError {
                     "the database is unavailable; retry",
                 )
             },
+            StoreError::OutcomeUnknown => AdminError {
+                log: Some(Log::OutcomeUnknown),
+                ..AdminError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "outcome_unknown",
+                    "never sent",
+                )
+            },
             other => AdminError::internal(other),
         }
     }
@@ -124,6 +134,10 @@ impl IntoResponse for AdminError {
         match &self.log {
             Some(Log::Internal(detail)) => tracing::error!(error = %detail, "admin request failed"),
             Some(Log::Unavailable(detail)) => tracing::warn!(error = %detail, "store unavailable"),
+            Some(Log::OutcomeUnknown) => {
+                tracing::error!("the request's outcome is unknown; it is left unanswered");
+                return crate::Unanswered::response();
+            }
             None => {}
         }
         let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });

@@ -11,6 +11,27 @@ use axum::Router;
 use futures::future::BoxFuture;
 use payrail_store::{MasterKey, Store};
 
+/// Marks a response that must not be sent: the server closes the connection
+/// instead, unanswered (see the server's `http.rs`).
+///
+/// For work whose outcome is unknown (`StoreError::OutcomeUnknown`): every
+/// answer the providers document says the work was done or was not, and
+/// either could be false here. No answer is what a client gets from a
+/// provider that timed out, and its integration already knows to ask the
+/// status API (`/checkstatus`) then.
+#[derive(Clone, Copy, Debug)]
+pub struct Unanswered;
+
+impl Unanswered {
+    /// A placeholder response carrying the mark; its status is never sent.
+    pub fn response() -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let mut r = axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+        r.extensions_mut().insert(Unanswered);
+        r
+    }
+}
+
 /// Whether a housekeeping unit that did `done` rows, at most `limit`, was
 /// full, so that more may be left; a count past `i64` counts as full.
 pub fn unit_full(done: impl TryInto<i64>, limit: i64) -> bool {

@@ -19,9 +19,10 @@ use hyper::body::{Bytes, Frame, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_io_timeout::TimeoutStream;
+
+use payrail_railkit::Unanswered;
 
 use crate::config::Limits;
 
@@ -128,7 +129,7 @@ pub async fn serve(
                 // would keep its slot, and the answers, for ever.
                 let mut stream = TimeoutStream::new(stream);
                 stream.set_write_timeout(Some(write_timeout));
-                let service = TowerToHyperService::new(app.clone());
+                let service = Withholding(app.clone());
                 let io = TokioIo::new(Box::pin(stream));
                 let conn = graceful.watch(builder.serve_connection(io, service));
                 tokio::spawn(async move {
@@ -147,6 +148,45 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
+    }
+}
+
+/// The app as hyper serves it: its answers are sent, except one marked
+/// [`Unanswered`], for which hyper closes the connection having written
+/// nothing (a service error ends an HTTP/1 connection that way).
+#[derive(Clone)]
+struct Withholding(Router);
+
+/// The service error that closes a connection unanswered.
+#[derive(Debug)]
+struct Withheld;
+
+impl std::fmt::Display for Withheld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("answer withheld: the request's outcome is unknown")
+    }
+}
+
+impl std::error::Error for Withheld {}
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Withholding {
+    type Response = Response;
+    type Error = Withheld;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Withheld>> + Send>>;
+
+    fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let app = self.0.clone();
+        Box::pin(async move {
+            let resp = match tower::ServiceExt::oneshot(app, req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            };
+            if resp.extensions().get::<Unanswered>().is_some() {
+                Err(Withheld)
+            } else {
+                Ok(resp)
+            }
+        })
     }
 }
 
@@ -259,6 +299,48 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::cap_within;
+    use axum::Router;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// What a client reads on a fresh connection after sending `GET path`.
+    async fn read_after(addr: std::net::SocketAddr, path: &str) -> Vec<u8> {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        // Ends at the server's close; a reset counts as the end too.
+        let _ = c.read_to_end(&mut out).await;
+        out
+    }
+
+    #[tokio::test]
+    async fn a_response_marked_unanswered_closes_the_connection_with_nothing_sent() {
+        let app = Router::new()
+            .route(
+                "/withheld",
+                get(|| async { payrail_railkit::Unanswered::response() }),
+            )
+            .route("/ok", get(|| async { "fine" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let limits = crate::config::Limits::default();
+            super::serve(listener, app, &limits, 16, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        assert_eq!(read_after(addr, "/withheld").await, b"");
+        let ok = String::from_utf8(read_after(addr, "/ok").await).unwrap();
+        assert!(
+            ok.starts_with("HTTP/1.1 200") && ok.ends_with("fine"),
+            "{ok}"
+        );
+        stop.send(()).unwrap();
+        server.await.unwrap();
+    }
 
     #[test]
     fn the_cap_leaves_the_reserve_within_the_open_file_limit() {

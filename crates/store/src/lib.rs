@@ -68,6 +68,12 @@ pub enum StoreError {
     /// rather than done after its caller had likely given up.
     #[error("store overloaded")]
     Overloaded,
+    /// The work's `COMMIT` was sent but its answer was lost, and whether it
+    /// took effect could not be learned in time (the database stayed down,
+    /// or the store stopped). The caller must not be told it failed: it may
+    /// have been kept.
+    #[error("the outcome of a commit is unknown")]
+    OutcomeUnknown,
     #[error("internal store error")]
     Internal(String),
     #[error("the master key does not match the one this database was sealed with")]
@@ -367,8 +373,8 @@ pub const DEFAULT_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs
 /// How long a writer keeps trying to learn whether a COMMIT whose answer was
 /// lost took effect, while that batch's callers wait. The outcome is known
 /// once the database is back, and a restart or a failover takes seconds to a
-/// minute; only past this (or when the store stops) are the callers told it
-/// failed without knowing.
+/// minute; only past this (or when the store stops) do the callers hear
+/// [`StoreError::OutcomeUnknown`].
 const OUTCOME_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The statement timeout of a [`Store::read_alone`] on PostgreSQL.

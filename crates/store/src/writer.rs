@@ -10,7 +10,8 @@
 //! - it surely did (the `COMMIT` answered): answers go out;
 //! - nobody knows (the connection broke during `COMMIT`, PostgreSQL only):
 //!   the writer reconnects and reads its own marker row, written inside every
-//!   batch, to learn which it was before answering anyone.
+//!   batch, to learn which it was before answering anyone; if it cannot
+//!   learn in time, they hear `StoreError::OutcomeUnknown`, never "failed".
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -121,6 +122,13 @@ pub(crate) fn run(conn: Option<Box<dyn Conn>>, rx: flume::Receiver<Msg>, cfg: Ar
     {
         let _ = c.batch("PRAGMA synchronous = FULL");
     }
+}
+
+/// What became of a batch whose `COMMIT` lost its answer.
+enum Learned {
+    Committed,
+    NotCommitted,
+    Unknown,
 }
 
 /// Why a batch did not commit, and whether it might have.
@@ -263,16 +271,30 @@ impl Writer {
         if matches!(failure.error, StoreError::Unavailable(_)) {
             self.conn = None;
         }
-        if failure.during_commit && self.committed_after_all() {
-            tracing::warn!("the connection broke during COMMIT, but the batch is committed");
-            metrics::counter!("payrail_ledger_commits_total").increment(1);
-            for (q, err) in failure.settled {
-                q.job.finish(err.map_or(Ok(()), Err));
+        if failure.during_commit {
+            match self.learn_outcome() {
+                Learned::Committed => {
+                    metrics::counter!("payrail_ledger_commits_total").increment(1);
+                    for (q, err) in failure.settled {
+                        q.job.finish(err.map_or(Ok(()), Err));
+                    }
+                    for q in failure.units {
+                        q.job.finish(Ok(()));
+                    }
+                    return failure.retry;
+                }
+                Learned::NotCommitted => {}
+                // Units that settled alone are told too: a refusal may rest
+                // on a sibling's work (a duplicate orderid, say), kept or not.
+                Learned::Unknown => {
+                    metrics::counter!("payrail_commit_outcome_unknown_total").increment(1);
+                    let settled = failure.settled.into_iter().map(|(q, _)| q);
+                    for q in failure.units.into_iter().chain(settled) {
+                        q.job.finish(Err(StoreError::OutcomeUnknown));
+                    }
+                    return failure.retry;
+                }
             }
-            for q in failure.units {
-                q.job.finish(Ok(()));
-            }
-            return failure.retry;
         }
         // The batch did not commit. Units that settled alone may have answered
         // from a sibling's lost work (a duplicate order, say): they are run
@@ -339,11 +361,13 @@ impl Writer {
     /// the store is stopping, one more try.
     ///
     /// The batch's callers wait for the answer, because telling them
-    /// "failed" about work that was kept would invite a second charge. Units
-    /// queued meanwhile have not run, so they fail at once, as everywhere
-    /// else while the database is down, instead of waiting behind them.
-    fn committed_after_all(&mut self) -> bool {
-        let deadline = Instant::now() + self.cfg.outcome_wait;
+    /// "failed" about work that was kept would invite a second charge; if
+    /// it cannot be learned, they are told exactly that. Units queued
+    /// meanwhile have not run, so they fail at once, as everywhere else
+    /// while the database is down, instead of waiting behind them.
+    fn learn_outcome(&mut self) -> Learned {
+        let started = Instant::now();
+        let deadline = started + self.cfg.outcome_wait;
         loop {
             match (self.cfg.connect)() {
                 Ok(mut c) => {
@@ -359,7 +383,17 @@ impl Writer {
                     match marker.map(|rows| rows.first().and_then(|r| r.int(0).ok())) {
                         Ok(last) => {
                             self.adopt(c);
-                            return last == Some(self.seq);
+                            let committed = last == Some(self.seq);
+                            tracing::warn!(
+                                committed,
+                                waited_ms = started.elapsed().as_millis() as u64,
+                                "learned a lost COMMIT's outcome from the writer's marker"
+                            );
+                            return if committed {
+                                Learned::Committed
+                            } else {
+                                Learned::NotCommitted
+                            };
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot read the writer's marker yet"),
                     }
@@ -369,8 +403,11 @@ impl Writer {
                 }
             }
             if Instant::now() >= deadline || self.stop_seen {
-                tracing::error!("a COMMIT's outcome is unknown; its callers are told it failed");
-                return false;
+                tracing::error!(
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "a COMMIT's outcome is unknown; its callers get no answer"
+                );
+                return Learned::Unknown;
             }
             // Back off before the next try, failing units as they come.
             self.fail_queued();
@@ -992,6 +1029,8 @@ mod lost_commit {
         lock_waited: AtomicBool,
         /// Every batch's marker write meets a lock timeout.
         marker_busy: AtomicBool,
+        /// With `lose_next_commit`: the lost COMMIT did not take effect.
+        lost_commit_aborts: AtomicBool,
     }
 
     impl Server {
@@ -1057,7 +1096,9 @@ mod lost_commit {
             }
             if c == Control::Commit {
                 let lost = self.0.lose_next_commit.swap(false, Ordering::SeqCst);
-                if lost && self.0.slow_commit.load(Ordering::SeqCst) {
+                if lost && self.0.lost_commit_aborts.load(Ordering::SeqCst) {
+                    // The server went down before the commit record.
+                } else if lost && self.0.slow_commit.load(Ordering::SeqCst) {
                     // Takes effect later, at `finish_commit`.
                     self.0.in_flight.store(true, Ordering::SeqCst);
                 } else {
@@ -1181,6 +1222,28 @@ mod lost_commit {
         writer.join().unwrap();
     }
 
+    /// The lost COMMIT did not take effect: once the server is back its
+    /// callers hear that it failed (and not before), and nothing else.
+    #[test]
+    fn a_lost_commit_that_did_not_take_effect_is_answered_as_failed() {
+        let (server, queue, writer) = start();
+        server.lost_commit_aborts.store(true, Ordering::SeqCst);
+        let in_doubt = lose_a_commit(&server, &queue);
+        assert!(
+            in_doubt.try_recv().is_err(),
+            "answered before its outcome was known"
+        );
+        server.down.store(false, Ordering::SeqCst);
+        let answer = in_doubt.recv_timeout(GUARD).unwrap();
+        assert!(
+            matches!(answer, Err(StoreError::Unavailable(_))),
+            "a batch that was not kept was told {answer:?}"
+        );
+        assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
+        queue.send(Msg::Stop).unwrap();
+        writer.join().unwrap();
+    }
+
     /// The server is back before the lost COMMIT has finished there: the
     /// outcome is read only once that transaction has ended.
     #[test]
@@ -1221,6 +1284,8 @@ mod lost_commit {
         assert!(matches!(answer, Err(StoreError::Closed)), "{answer:?}");
     }
 
+    /// The outcome is still unknown when the store stops: the batch's
+    /// callers are told so, not that it failed (it may have been kept).
     #[test]
     fn a_stop_while_the_database_is_down_ends_the_wait() {
         let (server, queue, writer) = start();
@@ -1228,7 +1293,7 @@ mod lost_commit {
         queue.send(Msg::Stop).unwrap();
         let answer = in_doubt.recv_timeout(GUARD).unwrap();
         assert!(
-            matches!(answer, Err(StoreError::Unavailable(_))),
+            matches!(answer, Err(StoreError::OutcomeUnknown)),
             "{answer:?}"
         );
         writer.join().unwrap();

@@ -265,6 +265,10 @@ impl Rail {
     /// Logs an internal error (the request's span carries its id) and answers 99.
     fn unexpected(e: &StoreError, head: Head<'_>) -> Answer {
         match e {
+            StoreError::OutcomeUnknown => {
+                tracing::error!("the request's outcome is unknown; it is left unanswered");
+                return Answer::withheld();
+            }
             StoreError::Unavailable(_)
             | StoreError::Closed
             | StoreError::Busy(_)
@@ -1249,6 +1253,34 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// A refusal says the work was not done; an unknown outcome gets no
+    /// answer at all, while the database's other failures are 99.
+    #[test]
+    fn an_unknown_outcome_is_left_unanswered_and_other_store_failures_are_99() {
+        let head = |c| Answer::debit_failure("504", c, "ORDER_0001");
+        let marked = |e: StoreError| {
+            Rail::unexpected(&e, &head)
+                .render(Some(b"secret"), Format::Json)
+                .extensions()
+                .get::<payrail_railkit::Unanswered>()
+                .is_some()
+        };
+        assert!(marked(StoreError::OutcomeUnknown));
+        for e in [
+            StoreError::Unavailable("down".into()),
+            StoreError::Closed,
+            StoreError::Overloaded,
+            StoreError::Internal("x".into()),
+        ] {
+            assert!(!marked(e.clone()), "{e:?}");
+            let a = Rail::unexpected(&e, &head);
+            assert!(
+                a.fields.contains(&("statuscode", "99".to_string())),
+                "{e:?}: {a:?}"
+            );
+        }
+    }
 
     #[test]
     fn the_otp_text_counts_its_minutes() {

@@ -361,6 +361,8 @@ pub enum Signed {
     Sorted,
     /// These fields in this order (`/checkstatus`, as real clients verify it).
     Fixed(&'static [&'static str]),
+    /// Nothing: the answer is never sent (see [`Answer::withheld`]).
+    Withheld,
 }
 
 /// An answer, before it is signed and encoded.
@@ -371,6 +373,15 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// No answer: the request's outcome is unknown, and the connection is
+    /// closed instead (see `payrail_railkit::Unanswered`).
+    pub fn withheld() -> Answer {
+        Answer {
+            fields: Vec::new(),
+            signed: Signed::Withheld,
+        }
+    }
+
     /// A `/checkstatus` failure, with the signed fields present (empty) so
     /// that the answer has one shape whatever the outcome.
     pub fn check_status_failure(code: Code, orderid: &str, refundid: Option<&str>) -> Answer {
@@ -487,6 +498,7 @@ impl Answer {
                     self.fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 match self.signed {
                     Signed::Sorted => checksum::sign_sorted(secret, &pairs),
+                    Signed::Withheld => String::new(),
                     Signed::Fixed(order) => checksum::sign(
                         secret,
                         order.iter().map(|name| {
@@ -511,6 +523,9 @@ impl Answer {
 
     /// Signs, encodes and wraps in a response.
     pub fn render(self, secret: Option<&[u8]>, format: Format) -> Response {
+        if matches!(self.signed, Signed::Withheld) {
+            return payrail_railkit::Unanswered::response();
+        }
         let (body, content_type) = self.encode(secret, format);
         let mut resp = (StatusCode::OK, body).into_response();
         resp.headers_mut()
