@@ -10,8 +10,10 @@
 //! - it surely did (the `COMMIT` answered): answers go out;
 //! - nobody knows (the connection broke during `COMMIT`, PostgreSQL only):
 //!   the writer reconnects and reads its own marker row, written inside every
-//!   batch, to learn which it was before answering anyone; if it cannot
-//!   learn in time, they hear `StoreError::OutcomeUnknown`, never "failed".
+//!   batch, to learn which it was before answering anyone: kept, its units
+//!   are answered; not kept, they run again on that connection, as in the
+//!   first case; if it cannot learn in time, they hear
+//!   `StoreError::OutcomeUnknown`, never "failed".
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -271,6 +273,9 @@ impl Writer {
         if matches!(failure.error, StoreError::Unavailable(_)) {
             self.conn = None;
         }
+        // A COMMIT cut off whose marker shows it was not kept is as surely
+        // not committed as a batch that never reached COMMIT.
+        let mut surely_not_committed = !failure.during_commit;
         if failure.during_commit {
             match self.learn_outcome() {
                 Learned::Committed => {
@@ -283,7 +288,7 @@ impl Writer {
                     }
                     return failure.retry;
                 }
-                Learned::NotCommitted => {}
+                Learned::NotCommitted => surely_not_committed = true,
                 // Units that settled alone are told too: a refusal may rest
                 // on a sibling's work (a duplicate orderid, say), kept or not.
                 Learned::Unknown => {
@@ -310,12 +315,10 @@ impl Writer {
             _ => tracing::error!(error = ?e, units = size, "batch not committed"),
         }
         // Work that surely did not commit may run again: at once on a lock
-        // conflict, once more on a broken connection (a fresh one may work).
-        let may_retry = match &e {
-            StoreError::Busy(_) => !failure.during_commit,
-            StoreError::Unavailable(_) => !failure.during_commit,
-            _ => false,
-        };
+        // conflict, once more on a broken connection (a fresh one may work;
+        // after a cut-off COMMIT, the one its outcome was read on).
+        let may_retry =
+            surely_not_committed && matches!(e, StoreError::Busy(_) | StoreError::Unavailable(_));
         let limit = if matches!(e, StoreError::Unavailable(_)) {
             2
         } else {
@@ -1115,11 +1118,16 @@ mod lost_commit {
     }
 
     /// A unit that writes nothing itself, ends as told (`Rollback`: it
-    /// refuses), and reports how it was answered.
-    struct Probe(Outcome, mpsc::Sender<Result<(), StoreError>>);
+    /// refuses), counts its runs, and reports how it was answered.
+    struct Probe(
+        Outcome,
+        mpsc::Sender<Result<(), StoreError>>,
+        Arc<AtomicI64>,
+    );
 
     impl Job for Probe {
         fn run(&mut self, _: &mut Tx<'_>) -> Outcome {
+            self.2.fetch_add(1, Ordering::SeqCst);
             self.0
         }
 
@@ -1133,8 +1141,18 @@ mod lost_commit {
     }
 
     fn sent(queue: &flume::Sender<Msg>, ends: Outcome) -> mpsc::Receiver<Result<(), StoreError>> {
+        counted(queue, ends, Arc::default())
+    }
+
+    fn counted(
+        queue: &flume::Sender<Msg>,
+        ends: Outcome,
+        runs: Arc<AtomicI64>,
+    ) -> mpsc::Receiver<Result<(), StoreError>> {
         let (tx, rx) = mpsc::channel();
-        queue.send(Msg::Job(Box::new(Probe(ends, tx)))).unwrap();
+        queue
+            .send(Msg::Job(Box::new(Probe(ends, tx, runs))))
+            .unwrap();
         rx
     }
 
@@ -1185,9 +1203,18 @@ mod lost_commit {
         server: &Server,
         queue: &flume::Sender<Msg>,
     ) -> mpsc::Receiver<Result<(), StoreError>> {
+        lose_a_commit_counted(server, queue, Arc::default())
+    }
+
+    /// The same, counting the lost batch's unit's runs in `runs`.
+    fn lose_a_commit_counted(
+        server: &Server,
+        queue: &flume::Sender<Msg>,
+        runs: Arc<AtomicI64>,
+    ) -> mpsc::Receiver<Result<(), StoreError>> {
         assert!(probe(queue).recv_timeout(GUARD).unwrap().is_ok());
         server.lose_next_commit.store(true, Ordering::SeqCst);
-        let in_doubt = probe(queue);
+        let in_doubt = counted(queue, Outcome::Commit, runs);
         while !server.down.load(Ordering::SeqCst) {
             std::thread::yield_now();
         }
@@ -1222,22 +1249,26 @@ mod lost_commit {
         writer.join().unwrap();
     }
 
-    /// The lost COMMIT did not take effect: once the server is back its
-    /// callers hear that it failed (and not before), and nothing else.
+    /// The lost COMMIT did not take effect: once the server is back (and not
+    /// before) its units run again, once, and their callers hear of that run.
     #[test]
-    fn a_lost_commit_that_did_not_take_effect_is_answered_as_failed() {
+    fn a_lost_commit_that_did_not_take_effect_is_run_again() {
         let (server, queue, writer) = start();
         server.lost_commit_aborts.store(true, Ordering::SeqCst);
-        let in_doubt = lose_a_commit(&server, &queue);
+        let runs = Arc::new(AtomicI64::new(0));
+        let in_doubt = lose_a_commit_counted(&server, &queue, Arc::clone(&runs));
+        let before = server.marker.load(Ordering::SeqCst);
         assert!(
             in_doubt.try_recv().is_err(),
             "answered before its outcome was known"
         );
         server.down.store(false, Ordering::SeqCst);
         let answer = in_doubt.recv_timeout(GUARD).unwrap();
+        assert!(answer.is_ok(), "a batch run again was told {answer:?}");
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "runs of the unit");
         assert!(
-            matches!(answer, Err(StoreError::Unavailable(_))),
-            "a batch that was not kept was told {answer:?}"
+            server.marker.load(Ordering::SeqCst) > before,
+            "answered without a committed batch"
         );
         assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
         queue.send(Msg::Stop).unwrap();
