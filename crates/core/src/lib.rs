@@ -1,4 +1,5 @@
-//! payrail's domain core: money, identifiers, time and the ledger's rules.
+//! payrail's domain core: money, identifiers, time and the ledger's rules
+//! (and [`Throttle`], for log lines that repeat while a cause lasts).
 //!
 //! Nothing in this crate performs I/O. The store persists what these types
 //! describe; the rails translate wire requests into them.
@@ -6,6 +7,7 @@
 pub mod clock;
 pub mod ledger;
 pub mod money;
+pub mod throttle;
 
 pub use clock::{Clock, SystemClock, Timestamp};
 pub use ledger::{
@@ -13,3 +15,4 @@ pub use ledger::{
     TransferKind, TransferOp, TransferRecord, TransferRequest,
 };
 pub use money::{AmountError, Money, Percent};
+pub use throttle::Throttle;

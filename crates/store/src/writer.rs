@@ -310,7 +310,10 @@ impl Writer {
         // fault to look into.
         match &e {
             StoreError::Unavailable(_) | StoreError::Closed | StoreError::Busy(_) => {
-                tracing::warn!(error = ?e, units = size, "batch not committed")
+                static WEATHER: payrail_core::Throttle = payrail_core::Throttle::per_second();
+                if let Some(suppressed) = WEATHER.admit() {
+                    tracing::warn!(error = ?e, units = size, suppressed, "batch not committed")
+                }
             }
             _ => tracing::error!(error = ?e, units = size, "batch not committed"),
         }

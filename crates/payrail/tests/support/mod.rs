@@ -127,7 +127,12 @@ impl Drop for Server {
             if let Some(i) = key.find("}: ") {
                 key = &key[i + 3..];
             }
-            let key = key.split(" units=").next().unwrap_or(key).to_string();
+            let key = key
+                .split(" units=")
+                .next()
+                .and_then(|k| k.split(" suppressed=").next())
+                .unwrap_or(key)
+                .to_string();
             match seen.iter_mut().find(|(k, _, _)| *k == key) {
                 Some(entry) => entry.2 += 1,
                 None => seen.push((key, line, 1)),

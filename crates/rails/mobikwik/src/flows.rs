@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{KeyInit, Mac};
-use payrail_core::{AccountFlags, AccountId, Currency, LedgerError, Money, Percent};
+use payrail_core::{AccountFlags, AccountId, Currency, LedgerError, Money, Percent, Throttle};
 use payrail_railkit::ids;
 use payrail_store::ledger::{self, LedgerOpError};
 use payrail_store::mobikwik::{self as db, OrderRow, OtpState, RefundRow, TokenRow};
@@ -273,7 +273,10 @@ impl Rail {
             | StoreError::Closed
             | StoreError::Busy(_)
             | StoreError::Overloaded => {
-                tracing::warn!(error = ?e, "store unavailable")
+                static UNAVAILABLE: Throttle = Throttle::per_second();
+                if let Some(suppressed) = UNAVAILABLE.admit() {
+                    tracing::warn!(error = ?e, suppressed, "store unavailable")
+                }
             }
             _ => tracing::error!(error = ?e, "request failed"),
         }
