@@ -344,6 +344,29 @@ mod tests {
         }
     }
 
+    /// Work whose outcome is unknown, from the store directly or through a
+    /// ledger operation, gets no answer: the response is only a placeholder
+    /// marked for the HTTP loop to close the connection on. Other
+    /// unavailability is an ordinary 503 with its body.
+    #[test]
+    fn an_unknown_outcome_is_left_unanswered_and_other_store_failures_are_503() {
+        let unanswered = |r: &Response| r.extensions().get::<crate::Unanswered>().is_some();
+        let direct = AdminError::from(StoreError::OutcomeUnknown).into_response();
+        assert!(unanswered(&direct));
+        let via_ledger =
+            AdminError::from(LedgerOpError::Store(StoreError::OutcomeUnknown)).into_response();
+        assert!(unanswered(&via_ledger));
+        for e in [
+            StoreError::Unavailable("down".into()),
+            StoreError::Closed,
+            StoreError::Overloaded,
+        ] {
+            let r = AdminError::from(e).into_response();
+            assert!(!unanswered(&r));
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
+
     /// Errors made inside a unit of work are made on a writer thread; their
     /// log lines must still carry the request's id, so they are logged when
     /// the answer is made, inside the request's span.

@@ -7,6 +7,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use payrail_railkit::Unanswered;
 use tracing::Instrument;
 
 /// Installs the global tracing subscriber (stderr; `RUST_LOG` filters,
@@ -129,7 +130,12 @@ pub async fn observe(req: Request, next: Next) -> Response {
     let id = request_id(&req);
     let span = tracing::info_span!("request", id = %id, method = %req.method(), route = %route);
     let mut resp = next.run(req).instrument(span).await;
-    let status = status_label(resp.status());
+    // A withheld answer's placeholder status is never sent: counted as what it is.
+    let status = if resp.extensions().get::<Unanswered>().is_some() {
+        "unanswered"
+    } else {
+        status_label(resp.status())
+    };
     metrics::counter!("payrail_http_requests_total", "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!("payrail_http_request_duration_seconds", "route" => route)
@@ -139,4 +145,38 @@ pub async fn observe(req: Request, next: Next) -> Response {
     }
     drop(in_flight);
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::Router;
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    /// A request left unanswered (see `http::Withholding`) is counted as
+    /// such, not by the placeholder status its response carries.
+    #[tokio::test]
+    async fn an_unanswered_request_is_counted_as_unanswered() {
+        let metrics = super::init_metrics();
+        let app = Router::new()
+            .route(
+                "/withheld-for-metrics",
+                get(|| async { payrail_railkit::Unanswered::response() }),
+            )
+            .layer(axum::middleware::from_fn(super::observe));
+        let req = axum::http::Request::get("/withheld-for-metrics")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        app.oneshot(req).await.unwrap();
+        let text = metrics.render();
+        let counted = |status: &str| {
+            text.lines().any(|l| {
+                l.starts_with(&format!(
+                    "payrail_http_requests_total{{route=\"/withheld-for-metrics\",status=\"{status}\"}}"
+                ))
+            })
+        };
+        assert!(counted("unanswered"), "{text}");
+        assert!(!counted("503"), "{text}");
+    }
 }
