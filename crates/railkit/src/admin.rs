@@ -7,7 +7,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use payrail_core::LedgerError;
-use payrail_core::{Money, Percent, Throttle};
+use payrail_core::{Money, Percent};
 use payrail_store::{LedgerOpError, StoreError};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer};
@@ -133,12 +133,7 @@ impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
         match &self.log {
             Some(Log::Internal(detail)) => tracing::error!(error = %detail, "admin request failed"),
-            Some(Log::Unavailable(detail)) => {
-                static UNAVAILABLE: Throttle = Throttle::per_second();
-                if let Some(suppressed) = UNAVAILABLE.admit() {
-                    tracing::warn!(error = %detail, suppressed, "store unavailable")
-                }
-            }
+            Some(Log::Unavailable(detail)) => tracing::warn!(error = %detail, "store unavailable"),
             Some(Log::OutcomeUnknown) => {
                 tracing::error!("the request's outcome is unknown; it is left unanswered");
                 return crate::Unanswered::response();
