@@ -463,7 +463,9 @@ async fn debit_cut_off(
     let held = "FROM pg_stat_activity WHERE query = 'COMMIT' \
                 AND wait_event_type = 'Lock' AND wait_event = 'advisory'";
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while node.db.inner.sql(&format!("SELECT count(*) {held}")) != ["1"] {
+    // pg_stat_activity shows the whole cluster, and tests run side by side.
+    let mine = format!("SELECT count(*) {held} AND datname = current_database()");
+    while node.db.inner.sql(&mine) != ["1"] {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the debit's COMMIT never waited for the lock"

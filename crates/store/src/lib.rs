@@ -361,6 +361,10 @@ where
         // The caller may have gone away; the work is done either way.
         let _ = self.reply.send(answer);
     }
+
+    fn within_wait(&self) -> bool {
+        self.queued.elapsed() <= self.max_wait
+    }
 }
 
 /// Longer than the stalls payrail itself can cause (the SQLite WAL bound

@@ -11,15 +11,15 @@
 //! - nobody knows (the connection broke during `COMMIT`, PostgreSQL only):
 //!   the writer reconnects and reads its own marker row, written inside every
 //!   batch, to learn which it was before answering anyone: kept, its units
-//!   are answered; not kept, they run again on that connection, as in the
-//!   first case; if it cannot learn in time, they hear
-//!   `StoreError::OutcomeUnknown`, never "failed".
+//!   are answered; not kept, they run again as in the first case (those
+//!   still within their callers' `max_wait`); if it cannot learn in time,
+//!   they hear `StoreError::OutcomeUnknown`, never "failed".
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use payrail_core::Clock;
+use payrail_core::{Clock, Throttle};
 
 use crate::StoreError;
 use crate::conn::{Conn, Control, DbError, DbErrorKind, Dialect};
@@ -42,6 +42,12 @@ pub(crate) trait Job: Send {
     /// Delivers the unit's result: `Ok` once its batch is committed, `Err` if
     /// its work could not be made durable.
     fn finish(self: Box<Self>, durable: Result<(), StoreError>);
+
+    /// Whether it may still be started afresh: its caller's bound on waiting
+    /// for a start (`Options::max_wait`) has not passed.
+    fn within_wait(&self) -> bool {
+        true
+    }
 }
 
 pub(crate) enum Msg {
@@ -172,12 +178,17 @@ struct Writer {
 
 impl Writer {
     /// Takes a fresh connection into use, registering the marker row.
+    ///
+    /// Registered with batch 0, which no batch has: a connection is made
+    /// after `run_batch` has numbered the batch it serves, and a row put back
+    /// (after an operator deleted it) with that number would say the batch
+    /// committed before it ran.
     fn adopt(&mut self, mut conn: Box<dyn Conn>) {
         if conn.dialect() == Dialect::Postgres {
             let now = self.cfg.clock.now().millis();
             if let Err(e) = conn.execute(
-                "INSERT INTO payrail_writers (id, last_batch, started_at) VALUES (?1, ?2, ?3) ON CONFLICT (id) DO NOTHING",
-                &[self.id.into(), self.seq.into(), now.into()],
+                "INSERT INTO payrail_writers (id, last_batch, started_at) VALUES (?1, 0, ?2) ON CONFLICT (id) DO NOTHING",
+                &[self.id.into(), now.into()],
             ) {
                 tracing::warn!(error = %e, "cannot register the writer's marker row");
                 return;
@@ -310,16 +321,21 @@ impl Writer {
         // fault to look into.
         match &e {
             StoreError::Unavailable(_) | StoreError::Closed | StoreError::Busy(_) => {
-                static WEATHER: payrail_core::Throttle = payrail_core::Throttle::per_second();
-                if let Some(suppressed) = WEATHER.admit() {
+                // Apart, so that an outage's lines do not hide contention's.
+                static OUTAGE: Throttle = Throttle::per_second();
+                static CONTENTION: Throttle = Throttle::per_second();
+                let throttle = match e {
+                    StoreError::Busy(_) => &CONTENTION,
+                    _ => &OUTAGE,
+                };
+                if let Some(suppressed) = throttle.admit() {
                     tracing::warn!(error = ?e, units = size, suppressed, "batch not committed")
                 }
             }
             _ => tracing::error!(error = ?e, units = size, "batch not committed"),
         }
         // Work that surely did not commit may run again: at once on a lock
-        // conflict, once more on a broken connection (a fresh one may work;
-        // after a cut-off COMMIT, the one its outcome was read on).
+        // conflict, once more on a broken connection (a fresh one may work).
         let may_retry =
             surely_not_committed && matches!(e, StoreError::Busy(_) | StoreError::Unavailable(_));
         let limit = if matches!(e, StoreError::Unavailable(_)) {
@@ -327,16 +343,25 @@ impl Writer {
         } else {
             self.cfg.max_attempts
         };
+        // After a cut-off COMMIT, learning the outcome may have taken up to
+        // `outcome_wait`. A unit whose caller's bound on waiting for a start
+        // has passed since is not started afresh (its caller may have given
+        // up and asked `/checkstatus`), but told it failed, which it did.
+        let in_time = |q: &Queued| !failure.during_commit || q.job.within_wait();
+        // Units set aside for a lock conflict were rolled back before this
+        // batch failed, and were counted then: they go to the next batch.
         let mut again = Vec::new();
+        for q in failure.retry {
+            if in_time(&q) {
+                again.push(q);
+            } else {
+                q.job.finish(Err(e.clone()));
+            }
+        }
         let settled = failure.settled.into_iter().map(|(q, _)| q);
-        for mut q in failure
-            .units
-            .into_iter()
-            .chain(failure.retry)
-            .chain(settled)
-        {
+        for mut q in failure.units.into_iter().chain(settled) {
             q.attempts += 1;
-            if may_retry && q.attempts < limit {
+            if may_retry && q.attempts < limit && in_time(&q) {
                 again.push(q);
             } else {
                 q.job.finish(Err(e.clone()));
@@ -377,19 +402,29 @@ impl Writer {
         loop {
             match (self.cfg.connect)() {
                 Ok(mut c) => {
-                    // FOR UPDATE: the batch's transaction updated this row, and
-                    // may still be running on the server (a COMMIT that is slow
-                    // to flush, or waits for a standby) after the client gave
-                    // up. A plain read would see the old value and call the
-                    // batch failed; the lock waits until it has ended.
-                    let marker = c.query(
-                        "SELECT last_batch FROM payrail_writers WHERE id = ?1 /*FOR UPDATE*/",
-                        &[self.id.into()],
-                    );
-                    match marker.map(|rows| rows.first().and_then(|r| r.int(0).ok())) {
+                    // The batch's transaction wrote this row (updated it, or
+                    // inserted it if it had been deleted), and may still be
+                    // running on the server (a COMMIT slow to flush, or
+                    // waiting for a standby) after the client gave up. A plain
+                    // read would see the old value, or no row, and call the
+                    // batch failed. An upsert waits for that transaction
+                    // either way (on the row's lock, or on the unique key of
+                    // a row it inserted) and returns the value it left.
+                    let now = self.cfg.clock.now().millis();
+                    let marker = c
+                        .query(
+                            "INSERT INTO payrail_writers (id, last_batch, started_at) VALUES (?1, 0, ?2) \
+                             ON CONFLICT (id) DO UPDATE SET id = excluded.id RETURNING last_batch",
+                            &[self.id.into(), now.into()],
+                        )
+                        .and_then(|rows| match rows.first() {
+                            Some(row) => row.int(0),
+                            None => Err(DbError::other("the marker upsert returned no row")),
+                        });
+                    match marker {
                         Ok(last) => {
                             self.adopt(c);
-                            let committed = last == Some(self.seq);
+                            let committed = last == self.seq;
                             tracing::warn!(
                                 committed,
                                 waited_ms = started.elapsed().as_millis() as u64,
@@ -1037,6 +1072,25 @@ mod lost_commit {
         marker_busy: AtomicBool,
         /// With `lose_next_commit`: the lost COMMIT did not take effect.
         lost_commit_aborts: AtomicBool,
+        /// Bumped by a restart: connections made before it are broken.
+        generation: AtomicI64,
+    }
+
+    /// `Server::marker` while the row does not exist.
+    const NO_ROW: i64 = -1;
+
+    /// The `last_batch` an `INSERT … VALUES (id, last_batch, …)` writes: a
+    /// literal or a parameter.
+    fn inserted_batch(sql: &str, params: &[Param<'_>]) -> i64 {
+        let values = &sql[sql.find("VALUES (").expect("an INSERT") + 8..];
+        let second = values.split(',').nth(1).expect("a second value").trim();
+        match second.strip_prefix('?') {
+            Some(n) => match params.get(n.parse::<usize>().unwrap() - 1) {
+                Some(Param::Int(v)) => *v,
+                other => panic!("last_batch bound to {other:?}"),
+            },
+            None => second.parse().unwrap(),
+        }
     }
 
     impl Server {
@@ -1047,7 +1101,14 @@ mod lost_commit {
         }
     }
 
-    struct FakeConn(Arc<Server>);
+    /// A connection, and the server generation it was made in.
+    struct FakeConn(Arc<Server>, i64);
+
+    impl FakeConn {
+        fn broken(&self) -> bool {
+            self.0.down.load(Ordering::SeqCst) || self.0.generation.load(Ordering::SeqCst) != self.1
+        }
+    }
 
     fn gone() -> DbError {
         DbError::new(DbErrorKind::Unavailable, "connection closed")
@@ -1059,8 +1120,14 @@ mod lost_commit {
         }
 
         fn execute(&mut self, sql: &'static str, params: &[Param<'_>]) -> Result<u64, DbError> {
-            if self.0.down.load(Ordering::SeqCst) {
+            if self.broken() {
                 return Err(gone());
+            }
+            // A connection registering the marker row.
+            if sql.contains("DO NOTHING") && self.0.marker.load(Ordering::SeqCst) == NO_ROW {
+                self.0
+                    .marker
+                    .store(inserted_batch(sql, params), Ordering::SeqCst);
             }
             // The batch's marker write.
             if sql.contains("DO UPDATE SET last_batch") {
@@ -1074,15 +1141,22 @@ mod lost_commit {
             Ok(1)
         }
 
-        fn query(&mut self, sql: &'static str, _: &[Param<'_>]) -> Result<Vec<Row>, DbError> {
-            if self.0.down.load(Ordering::SeqCst) {
+        fn query(&mut self, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<Row>, DbError> {
+            if self.broken() {
                 return Err(gone());
             }
-            // The in-flight transaction holds the marker row's lock.
-            while sql.contains("FOR UPDATE") && self.0.in_flight.load(Ordering::SeqCst) {
+            // The marker's upsert waits for the in-flight transaction.
+            assert!(sql.contains("RETURNING last_batch"), "unscripted: {sql}");
+            while self.0.in_flight.load(Ordering::SeqCst) {
                 self.0.lock_waited.store(true, Ordering::SeqCst);
                 std::thread::yield_now();
             }
+            let _ = self.0.marker.compare_exchange(
+                NO_ROW,
+                inserted_batch(sql, params),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
             Ok(vec![Row(vec![Value::Int(
                 self.0.marker.load(Ordering::SeqCst),
             )])])
@@ -1097,7 +1171,7 @@ mod lost_commit {
         }
 
         fn control(&mut self, c: Control) -> Result<(), DbError> {
-            if self.0.down.load(Ordering::SeqCst) {
+            if self.broken() {
                 return Err(gone());
             }
             if c == Control::Commit {
@@ -1136,6 +1210,23 @@ mod lost_commit {
 
         fn finish(self: Box<Self>, durable: Result<(), StoreError>) {
             let _ = self.1.send(durable);
+        }
+    }
+
+    /// A probe whose caller's bound on waiting for a start has passed.
+    struct Stale(Probe);
+
+    impl Job for Stale {
+        fn run(&mut self, tx: &mut Tx<'_>) -> Outcome {
+            self.0.run(tx)
+        }
+
+        fn finish(self: Box<Self>, durable: Result<(), StoreError>) {
+            Box::new(self.0).finish(durable)
+        }
+
+        fn within_wait(&self) -> bool {
+            false
         }
     }
 
@@ -1178,7 +1269,8 @@ mod lost_commit {
                 if server.down.load(Ordering::SeqCst) {
                     Err(gone())
                 } else {
-                    Ok(Box::new(FakeConn(Arc::clone(&server))) as Box<dyn Conn>)
+                    let generation = server.generation.load(Ordering::SeqCst);
+                    Ok(Box::new(FakeConn(Arc::clone(&server), generation)) as Box<dyn Conn>)
                 }
             })
         };
@@ -1261,6 +1353,12 @@ mod lost_commit {
         let runs = Arc::new(AtomicI64::new(0));
         let in_doubt = lose_a_commit_counted(&server, &queue, Arc::clone(&runs));
         let before = server.marker.load(Ordering::SeqCst);
+        // Work queued behind it is refused while the outcome is learned.
+        let answer = probe(&queue).recv_timeout(GUARD).unwrap();
+        assert!(
+            matches!(answer, Err(StoreError::Unavailable(_))),
+            "{answer:?}"
+        );
         assert!(
             in_doubt.try_recv().is_err(),
             "answered before its outcome was known"
@@ -1274,6 +1372,58 @@ mod lost_commit {
             "answered without a committed batch"
         );
         assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
+        queue.send(Msg::Stop).unwrap();
+        writer.join().unwrap();
+    }
+
+    /// As above, but the unit's caller's bound on waiting for a start has
+    /// passed by the time the outcome is known: it is told it failed, and not
+    /// run again.
+    #[test]
+    fn a_lost_commit_not_kept_is_not_started_again_past_its_wait() {
+        let (server, queue, writer) = start();
+        assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
+        server.lost_commit_aborts.store(true, Ordering::SeqCst);
+        server.lose_next_commit.store(true, Ordering::SeqCst);
+        let runs = Arc::new(AtomicI64::new(0));
+        let (tx, in_doubt) = mpsc::channel();
+        let stale = Stale(Probe(Outcome::Commit, tx, Arc::clone(&runs)));
+        queue.send(Msg::Job(Box::new(stale))).unwrap();
+        while !server.down.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        server.down.store(false, Ordering::SeqCst);
+        let answer = in_doubt.recv_timeout(GUARD).unwrap();
+        assert!(
+            matches!(answer, Err(StoreError::Unavailable(_))),
+            "{answer:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "runs of the unit");
+        queue.send(Msg::Stop).unwrap();
+        writer.join().unwrap();
+    }
+
+    /// The marker row was deleted (an operator pruning the table) and the
+    /// server restarted: the connection made for the next batch puts the row
+    /// back, and that must not name the batch, whose COMMIT is then lost
+    /// without taking effect. It is run again, not told it was kept.
+    #[test]
+    fn a_marker_row_put_back_on_reconnecting_names_no_batch() {
+        let (server, queue, writer) = start();
+        assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
+        server.marker.store(NO_ROW, Ordering::SeqCst);
+        server.generation.fetch_add(1, Ordering::SeqCst);
+        server.lost_commit_aborts.store(true, Ordering::SeqCst);
+        server.lose_next_commit.store(true, Ordering::SeqCst);
+        let runs = Arc::new(AtomicI64::new(0));
+        let in_doubt = counted(&queue, Outcome::Commit, Arc::clone(&runs));
+        while !server.down.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        server.down.store(false, Ordering::SeqCst);
+        let answer = in_doubt.recv_timeout(GUARD).unwrap();
+        assert!(answer.is_ok(), "{answer:?}");
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "runs of the unit");
         queue.send(Msg::Stop).unwrap();
         writer.join().unwrap();
     }

@@ -273,8 +273,14 @@ impl Rail {
             | StoreError::Closed
             | StoreError::Busy(_)
             | StoreError::Overloaded => {
-                static UNAVAILABLE: Throttle = Throttle::per_second();
-                if let Some(suppressed) = UNAVAILABLE.admit() {
+                // Apart, so that an outage's lines do not hide overload's.
+                static OUTAGE: Throttle = Throttle::per_second();
+                static OVERLOAD: Throttle = Throttle::per_second();
+                let throttle = match e {
+                    StoreError::Busy(_) | StoreError::Overloaded => &OVERLOAD,
+                    _ => &OUTAGE,
+                };
+                if let Some(suppressed) = throttle.admit() {
                     tracing::warn!(error = ?e, suppressed, "store unavailable")
                 }
             }
