@@ -1494,6 +1494,178 @@ mod lost_commit {
         writer.join().unwrap();
     }
 
+    /// A real PostgreSQL connection whose next `COMMIT` is held back: the
+    /// caller hears the connection broke, while the transaction stays open on
+    /// the server until the test decides whether it commits. That is a lost
+    /// `COMMIT` still running there, on cue.
+    #[cfg(feature = "testkit")]
+    struct Lossy {
+        inner: Option<Box<dyn Conn>>,
+        hold: Arc<HoldNext>,
+    }
+
+    #[cfg(feature = "testkit")]
+    #[derive(Default)]
+    struct HoldNext {
+        armed: AtomicBool,
+        /// Decides the held transaction: `true` commits it.
+        decide: std::sync::Mutex<Option<mpsc::Sender<bool>>>,
+        settled: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+        /// Marker reads that failed (a lock wait that timed out).
+        failed_marker_reads: AtomicI64,
+    }
+
+    #[cfg(feature = "testkit")]
+    impl Lossy {
+        fn conn(&mut self) -> Result<&mut Box<dyn Conn>, DbError> {
+            self.inner.as_mut().ok_or_else(gone)
+        }
+    }
+
+    #[cfg(feature = "testkit")]
+    impl Conn for Lossy {
+        fn dialect(&self) -> Dialect {
+            Dialect::Postgres
+        }
+
+        fn execute(&mut self, sql: &'static str, params: &[Param<'_>]) -> Result<u64, DbError> {
+            self.conn()?.execute(sql, params)
+        }
+
+        fn query(&mut self, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<Row>, DbError> {
+            let rows = self.conn()?.query(sql, params);
+            if rows.is_err() && sql.contains("RETURNING last_batch") {
+                self.hold.failed_marker_reads.fetch_add(1, Ordering::SeqCst);
+            }
+            rows
+        }
+
+        fn insert_id(
+            &mut self,
+            sql: &'static str,
+            params: &[Param<'_>],
+        ) -> Result<Option<i64>, DbError> {
+            self.conn()?.insert_id(sql, params)
+        }
+
+        fn batch(&mut self, sql: &str) -> Result<(), DbError> {
+            self.conn()?.batch(sql)
+        }
+
+        fn control(&mut self, c: Control) -> Result<(), DbError> {
+            if c == Control::Commit && self.hold.armed.swap(false, Ordering::SeqCst) {
+                let mut held = self.inner.take().ok_or_else(gone)?;
+                let (decide, decided) = mpsc::channel::<bool>();
+                *self.hold.decide.lock().unwrap() = Some(decide);
+                *self.hold.settled.lock().unwrap() = Some(std::thread::spawn(move || {
+                    let end = if decided.recv().unwrap() {
+                        Control::Commit
+                    } else {
+                        Control::Rollback
+                    };
+                    held.control(end).unwrap();
+                }));
+                return Err(gone());
+            }
+            self.conn()?.control(c)
+        }
+    }
+
+    /// On a real server: the batch's `COMMIT` is lost while its transaction,
+    /// which put back the deleted marker row, is still open there. The
+    /// writer's read of the marker must wait for it (a plain read sees no row
+    /// and calls the batch failed), and then the outcome decides: kept, the
+    /// unit is answered having run once; not kept, it runs again.
+    #[cfg(feature = "testkit")]
+    fn lost_commit_of_a_put_back_marker(kept: bool) {
+        let Some(admin) = crate::testkit::postgres_admin_url() else {
+            return;
+        };
+        let db = crate::testkit::TestDb::postgres(&admin);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let opts = crate::Options::new(
+                db.location.clone(),
+                MasterKey::from_bytes([7; 32]),
+                Arc::new(SystemClock),
+            );
+            crate::Store::open(opts).await.unwrap().close().await;
+        });
+        let pg = crate::postgres::PgOptions {
+            url: db.url.clone(),
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
+            lock_timeout: Duration::from_millis(50),
+        };
+        let hold = Arc::new(HoldNext::default());
+        let connect: Connect = {
+            let hold = Arc::clone(&hold);
+            Arc::new(move || {
+                let inner = crate::postgres::PgConn::connect(&pg)?;
+                Ok(Box::new(Lossy {
+                    inner: Some(Box::new(inner)),
+                    hold: Arc::clone(&hold),
+                }) as Box<dyn Conn>)
+            })
+        };
+        let cfg = Arc::new(WriterConfig {
+            max_batch: 16,
+            max_attempts: 5,
+            clock: Arc::new(SystemClock),
+            sandbox_clock: false,
+            sealer: Sealer::new(&MasterKey::from_bytes([7; 32])),
+            connect,
+            outcome_wait: GUARD * 2,
+            pipeline: None,
+        });
+        let (queue, rx) = flume::unbounded();
+        let writer = std::thread::spawn(move || run(None, rx, cfg));
+
+        assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
+        db.sql("DELETE FROM payrail_writers");
+        hold.armed.store(true, Ordering::SeqCst);
+        let runs = Arc::new(AtomicI64::new(0));
+        let in_doubt = counted(&queue, Outcome::Commit, Arc::clone(&runs));
+        // The writer has tried to read the marker, and had to wait for the
+        // held transaction (past its lock timeout): the read is in doubt too.
+        let deadline = std::time::Instant::now() + GUARD;
+        while hold.failed_marker_reads.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the marker read never waited for the held transaction (answered {:?})",
+                in_doubt.try_recv()
+            );
+            std::thread::yield_now();
+        }
+        assert!(in_doubt.try_recv().is_err(), "answered while in doubt");
+        let decide = hold.decide.lock().unwrap().take().unwrap();
+        decide.send(kept).unwrap();
+        hold.settled.lock().unwrap().take().unwrap().join().unwrap();
+
+        let answer = in_doubt.recv_timeout(GUARD).unwrap();
+        assert!(answer.is_ok(), "{answer:?}");
+        let expected_runs = if kept { 1 } else { 2 };
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            expected_runs,
+            "runs of the unit"
+        );
+        queue.send(Msg::Stop).unwrap();
+        writer.join().unwrap();
+    }
+
+    #[cfg(feature = "testkit")]
+    #[test]
+    fn on_postgres_a_lost_commit_that_put_back_the_marker_and_was_kept_is_answered() {
+        lost_commit_of_a_put_back_marker(true);
+    }
+
+    #[cfg(feature = "testkit")]
+    #[test]
+    fn on_postgres_a_lost_commit_that_put_back_the_marker_and_was_not_kept_runs_again() {
+        lost_commit_of_a_put_back_marker(false);
+    }
+
     /// A unit that refuses settles alone, but its batch may still fail
     /// (here every batch's marker write meets a lock timeout), and then it
     /// runs again with the others. Its runs are counted across batches, so it
