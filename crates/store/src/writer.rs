@@ -132,6 +132,13 @@ pub(crate) fn run(conn: Option<Box<dyn Conn>>, rx: flume::Receiver<Msg>, cfg: Ar
     }
 }
 
+/// Refuses a unit that would be started afresh past its caller's bound on
+/// waiting for a start, as the unit itself refuses a first run that late.
+fn refuse_late(q: Queued) {
+    metrics::counter!("payrail_store_overloaded_total", "wait" => "writer").increment(1);
+    q.job.finish(Err(StoreError::Overloaded));
+}
+
 /// What became of a batch whose `COMMIT` lost its answer.
 enum Learned {
     Committed,
@@ -229,7 +236,7 @@ impl Writer {
         let size = batch.len();
         self.seq += 1;
         // Units set aside on a lock conflict before a rerun were in no batch
-        // that commits or fails now: they simply go to the next one.
+        // that commits or fails now: they go to the next one (see `settle`).
         let (result, later) = match self.try_batch(batch, false) {
             Err(f) if f.redo_with_savepoints => {
                 metrics::counter!("payrail_group_commit_redos_total").increment(1);
@@ -241,9 +248,7 @@ impl Writer {
         };
         metrics::histogram!("payrail_group_commit_batch_size").record(size as f64);
         metrics::histogram!("payrail_group_commit_seconds").record(started.elapsed().as_secs_f64());
-        let mut again = self.settle(result, size);
-        again.extend(later);
-        again
+        self.settle(result, later, size)
     }
 
     /// Answers a batch's units, or sorts them for another run; returns
@@ -252,9 +257,10 @@ impl Writer {
     fn settle(
         &mut self,
         result: Result<(Vec<(Box<dyn Job>, Option<StoreError>)>, Vec<Queued>), BatchFailure>,
+        set_aside: Vec<Queued>,
         size: usize,
     ) -> Vec<Queued> {
-        let failure = match result {
+        let mut failure = match result {
             Ok((done, retry)) => {
                 metrics::counter!("payrail_ledger_commits_total").increment(1);
                 match &self.cfg.pipeline {
@@ -269,10 +275,11 @@ impl Writer {
                         }
                     }
                 }
-                return retry;
+                return retry.into_iter().chain(set_aside).collect();
             }
             Err(f) => f,
         };
+        failure.retry.extend(set_aside);
         if let Some((syncer, _)) = &self.cfg.pipeline {
             // Nothing of this batch is visible; keep the watermark moving, in order.
             syncer.submit(crate::durable::Synced {
@@ -288,7 +295,17 @@ impl Writer {
         // not committed as a batch that never reached COMMIT.
         let mut surely_not_committed = !failure.during_commit;
         if failure.during_commit {
-            match self.learn_outcome() {
+            let learned = self.learn_outcome();
+            // That may have taken up to `outcome_wait`. Units set aside for
+            // a lock conflict were rolled back whatever the outcome; those
+            // whose caller's bound on waiting for a start has passed since
+            // are not started afresh (the caller may have given up and asked
+            // `/checkstatus`), but refused, having done nothing.
+            let (in_time, late): (Vec<_>, Vec<_>) =
+                failure.retry.drain(..).partition(|q| q.job.within_wait());
+            late.into_iter().for_each(refuse_late);
+            failure.retry = in_time;
+            match learned {
                 Learned::Committed => {
                     metrics::counter!("payrail_ledger_commits_total").increment(1);
                     for (q, err) in failure.settled {
@@ -343,28 +360,19 @@ impl Writer {
         } else {
             self.cfg.max_attempts
         };
-        // After a cut-off COMMIT, learning the outcome may have taken up to
-        // `outcome_wait`. A unit whose caller's bound on waiting for a start
-        // has passed since is not started afresh (its caller may have given
-        // up and asked `/checkstatus`), but told it failed, which it did.
-        let in_time = |q: &Queued| !failure.during_commit || q.job.within_wait();
         // Units set aside for a lock conflict were rolled back before this
         // batch failed, and were counted then: they go to the next batch.
-        let mut again = Vec::new();
-        for q in failure.retry {
-            if in_time(&q) {
-                again.push(q);
-            } else {
-                q.job.finish(Err(e.clone()));
-            }
-        }
+        let mut again = failure.retry;
         let settled = failure.settled.into_iter().map(|(q, _)| q);
         for mut q in failure.units.into_iter().chain(settled) {
             q.attempts += 1;
-            if may_retry && q.attempts < limit && in_time(&q) {
-                again.push(q);
-            } else {
+            if !(may_retry && q.attempts < limit) {
                 q.job.finish(Err(e.clone()));
+            } else if failure.during_commit && !q.job.within_wait() {
+                // As for units set aside, above.
+                refuse_late(q);
+            } else {
+                again.push(q);
             }
         }
         again
@@ -409,12 +417,14 @@ impl Writer {
                     // read would see the old value, or no row, and call the
                     // batch failed. An upsert waits for that transaction
                     // either way (on the row's lock, or on the unique key of
-                    // a row it inserted) and returns the value it left.
+                    // a row it inserted) and returns the value it left. (So
+                    // the read writes: on a read-only server it fails until
+                    // `outcome_wait` runs out, and the outcome is unknown.)
                     let now = self.cfg.clock.now().millis();
                     let marker = c
                         .query(
                             "INSERT INTO payrail_writers (id, last_batch, started_at) VALUES (?1, 0, ?2) \
-                             ON CONFLICT (id) DO UPDATE SET id = excluded.id RETURNING last_batch",
+                             ON CONFLICT (id) DO UPDATE SET last_batch = payrail_writers.last_batch RETURNING last_batch",
                             &[self.id.into(), now.into()],
                         )
                         .and_then(|rows| match rows.first() {
@@ -1066,7 +1076,7 @@ mod lost_commit {
         /// server (its row lock held) until `finish_commit`.
         slow_commit: AtomicBool,
         in_flight: AtomicBool,
-        /// A `FOR UPDATE` read is waiting for the in-flight COMMIT.
+        /// The marker's upsert is waiting for the in-flight COMMIT.
         lock_waited: AtomicBool,
         /// Every batch's marker write meets a lock timeout.
         marker_busy: AtomicBool,
@@ -1218,6 +1228,29 @@ mod lost_commit {
 
     impl Job for Stale {
         fn run(&mut self, tx: &mut Tx<'_>) -> Outcome {
+            self.0.run(tx)
+        }
+
+        fn finish(self: Box<Self>, durable: Result<(), StoreError>) {
+            Box::new(self.0).finish(durable)
+        }
+
+        fn within_wait(&self) -> bool {
+            false
+        }
+    }
+
+    /// A probe that meets a lock conflict on its first run, so that it is
+    /// set aside for a later batch.
+    struct ConflictFirst(Probe);
+
+    impl Job for ConflictFirst {
+        fn run(&mut self, tx: &mut Tx<'_>) -> Outcome {
+            if self.0.2.load(Ordering::SeqCst) == 0 {
+                self.0.2.fetch_add(1, Ordering::SeqCst);
+                let _ = tx.conflict("lock timeout");
+                return Outcome::Rollback;
+            }
             self.0.run(tx)
         }
 
@@ -1394,10 +1427,31 @@ mod lost_commit {
         }
         server.down.store(false, Ordering::SeqCst);
         let answer = in_doubt.recv_timeout(GUARD).unwrap();
-        assert!(
-            matches!(answer, Err(StoreError::Unavailable(_))),
-            "{answer:?}"
-        );
+        assert!(matches!(answer, Err(StoreError::Overloaded)), "{answer:?}");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "runs of the unit");
+        queue.send(Msg::Stop).unwrap();
+        writer.join().unwrap();
+    }
+
+    /// A unit set aside for a lock conflict, in a batch whose COMMIT is then
+    /// lost (and kept): it was rolled back, and once the outcome is learned
+    /// its caller's bound on waiting for a start has passed, so it is refused
+    /// rather than started afresh.
+    #[test]
+    fn a_unit_set_aside_is_not_started_again_past_its_wait_after_a_lost_commit() {
+        let (server, queue, writer) = start();
+        assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
+        server.lose_next_commit.store(true, Ordering::SeqCst);
+        let runs = Arc::new(AtomicI64::new(0));
+        let (tx, set_aside) = mpsc::channel();
+        let job = ConflictFirst(Probe(Outcome::Commit, tx, Arc::clone(&runs)));
+        queue.send(Msg::Job(Box::new(job))).unwrap();
+        while !server.down.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        server.down.store(false, Ordering::SeqCst);
+        let answer = set_aside.recv_timeout(GUARD).unwrap();
+        assert!(matches!(answer, Err(StoreError::Overloaded)), "{answer:?}");
         assert_eq!(runs.load(Ordering::SeqCst), 1, "runs of the unit");
         queue.send(Msg::Stop).unwrap();
         writer.join().unwrap();
@@ -1571,6 +1625,23 @@ mod lost_commit {
         }
     }
 
+    /// A test that fails before deciding the held transaction ends it, so
+    /// that dropping the test database does not wait on it.
+    #[cfg(feature = "testkit")]
+    struct RollBackIfUndecided(Arc<HoldNext>);
+
+    #[cfg(feature = "testkit")]
+    impl Drop for RollBackIfUndecided {
+        fn drop(&mut self) {
+            if let Some(decide) = self.0.decide.lock().unwrap().take() {
+                let _ = decide.send(false);
+            }
+            if let Some(settled) = self.0.settled.lock().unwrap().take() {
+                let _ = settled.join();
+            }
+        }
+    }
+
     /// On a real server: the batch's `COMMIT` is lost while its transaction,
     /// which put back the deleted marker row, is still open there. The
     /// writer's read of the marker must wait for it (a plain read sees no row
@@ -1598,6 +1669,7 @@ mod lost_commit {
             lock_timeout: Duration::from_millis(50),
         };
         let hold = Arc::new(HoldNext::default());
+        let _undecided = RollBackIfUndecided(Arc::clone(&hold));
         let connect: Connect = {
             let hold = Arc::clone(&hold);
             Arc::new(move || {
