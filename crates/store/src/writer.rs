@@ -1268,19 +1268,22 @@ mod lost_commit {
     }
 
     fn sent(queue: &flume::Sender<Msg>, ends: Outcome) -> mpsc::Receiver<Result<(), StoreError>> {
-        counted(queue, ends, Arc::default())
+        let (probe, answer, _) = new_probe(ends);
+        queue.send(Msg::Job(Box::new(probe))).unwrap();
+        answer
     }
 
-    fn counted(
-        queue: &flume::Sender<Msg>,
+    /// A probe ending as told, with its answer channel and its count of runs.
+    fn new_probe(
         ends: Outcome,
-        runs: Arc<AtomicI64>,
-    ) -> mpsc::Receiver<Result<(), StoreError>> {
+    ) -> (
+        Probe,
+        mpsc::Receiver<Result<(), StoreError>>,
+        Arc<AtomicI64>,
+    ) {
         let (tx, rx) = mpsc::channel();
-        queue
-            .send(Msg::Job(Box::new(Probe(ends, tx, runs))))
-            .unwrap();
-        rx
+        let runs = Arc::new(AtomicI64::new(0));
+        (Probe(ends, tx, Arc::clone(&runs)), rx, runs)
     }
 
     /// Only a hang guard: every wait below ends on an event.
@@ -1331,22 +1334,25 @@ mod lost_commit {
         server: &Server,
         queue: &flume::Sender<Msg>,
     ) -> mpsc::Receiver<Result<(), StoreError>> {
-        lose_a_commit_counted(server, queue, Arc::default())
+        commit_one(queue);
+        let (probe, in_doubt, _) = new_probe(Outcome::Commit);
+        lose_the_commit_of(server, queue, probe);
+        in_doubt
     }
 
-    /// The same, counting the lost batch's unit's runs in `runs`.
-    fn lose_a_commit_counted(
-        server: &Server,
-        queue: &flume::Sender<Msg>,
-        runs: Arc<AtomicI64>,
-    ) -> mpsc::Receiver<Result<(), StoreError>> {
+    /// Commits one batch normally (the marker row is registered and set).
+    fn commit_one(queue: &flume::Sender<Msg>) {
         assert!(probe(queue).recv_timeout(GUARD).unwrap().is_ok());
+    }
+
+    /// Queues `job` with the next COMMIT's answer to be lost, and returns once
+    /// it is (the server then stays down).
+    fn lose_the_commit_of(server: &Server, queue: &flume::Sender<Msg>, job: impl Job + 'static) {
         server.lose_next_commit.store(true, Ordering::SeqCst);
-        let in_doubt = counted(queue, Outcome::Commit, runs);
+        queue.send(Msg::Job(Box::new(job))).unwrap();
         while !server.down.load(Ordering::SeqCst) {
             std::thread::yield_now();
         }
-        in_doubt
     }
 
     #[test]
@@ -1383,8 +1389,9 @@ mod lost_commit {
     fn a_lost_commit_that_did_not_take_effect_is_run_again() {
         let (server, queue, writer) = start();
         server.lost_commit_aborts.store(true, Ordering::SeqCst);
-        let runs = Arc::new(AtomicI64::new(0));
-        let in_doubt = lose_a_commit_counted(&server, &queue, Arc::clone(&runs));
+        commit_one(&queue);
+        let (probe_in_doubt, in_doubt, runs) = new_probe(Outcome::Commit);
+        lose_the_commit_of(&server, &queue, probe_in_doubt);
         let before = server.marker.load(Ordering::SeqCst);
         // Work queued behind it is refused while the outcome is learned.
         let answer = probe(&queue).recv_timeout(GUARD).unwrap();
@@ -1415,16 +1422,10 @@ mod lost_commit {
     #[test]
     fn a_lost_commit_not_kept_is_not_started_again_past_its_wait() {
         let (server, queue, writer) = start();
-        assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
+        commit_one(&queue);
         server.lost_commit_aborts.store(true, Ordering::SeqCst);
-        server.lose_next_commit.store(true, Ordering::SeqCst);
-        let runs = Arc::new(AtomicI64::new(0));
-        let (tx, in_doubt) = mpsc::channel();
-        let stale = Stale(Probe(Outcome::Commit, tx, Arc::clone(&runs)));
-        queue.send(Msg::Job(Box::new(stale))).unwrap();
-        while !server.down.load(Ordering::SeqCst) {
-            std::thread::yield_now();
-        }
+        let (probe_in_doubt, in_doubt, runs) = new_probe(Outcome::Commit);
+        lose_the_commit_of(&server, &queue, Stale(probe_in_doubt));
         server.down.store(false, Ordering::SeqCst);
         let answer = in_doubt.recv_timeout(GUARD).unwrap();
         assert!(matches!(answer, Err(StoreError::Overloaded)), "{answer:?}");
@@ -1440,15 +1441,9 @@ mod lost_commit {
     #[test]
     fn a_unit_set_aside_is_not_started_again_past_its_wait_after_a_lost_commit() {
         let (server, queue, writer) = start();
-        assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
-        server.lose_next_commit.store(true, Ordering::SeqCst);
-        let runs = Arc::new(AtomicI64::new(0));
-        let (tx, set_aside) = mpsc::channel();
-        let job = ConflictFirst(Probe(Outcome::Commit, tx, Arc::clone(&runs)));
-        queue.send(Msg::Job(Box::new(job))).unwrap();
-        while !server.down.load(Ordering::SeqCst) {
-            std::thread::yield_now();
-        }
+        commit_one(&queue);
+        let (probe_set_aside, set_aside, runs) = new_probe(Outcome::Commit);
+        lose_the_commit_of(&server, &queue, ConflictFirst(probe_set_aside));
         server.down.store(false, Ordering::SeqCst);
         let answer = set_aside.recv_timeout(GUARD).unwrap();
         assert!(matches!(answer, Err(StoreError::Overloaded)), "{answer:?}");
@@ -1464,16 +1459,12 @@ mod lost_commit {
     #[test]
     fn a_marker_row_put_back_on_reconnecting_names_no_batch() {
         let (server, queue, writer) = start();
-        assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
+        commit_one(&queue);
         server.marker.store(NO_ROW, Ordering::SeqCst);
         server.generation.fetch_add(1, Ordering::SeqCst);
         server.lost_commit_aborts.store(true, Ordering::SeqCst);
-        server.lose_next_commit.store(true, Ordering::SeqCst);
-        let runs = Arc::new(AtomicI64::new(0));
-        let in_doubt = counted(&queue, Outcome::Commit, Arc::clone(&runs));
-        while !server.down.load(Ordering::SeqCst) {
-            std::thread::yield_now();
-        }
+        let (probe_in_doubt, in_doubt, runs) = new_probe(Outcome::Commit);
+        lose_the_commit_of(&server, &queue, probe_in_doubt);
         server.down.store(false, Ordering::SeqCst);
         let answer = in_doubt.recv_timeout(GUARD).unwrap();
         assert!(answer.is_ok(), "{answer:?}");
@@ -1693,11 +1684,11 @@ mod lost_commit {
         let (queue, rx) = flume::unbounded();
         let writer = std::thread::spawn(move || run(None, rx, cfg));
 
-        assert!(probe(&queue).recv_timeout(GUARD).unwrap().is_ok());
+        commit_one(&queue);
         db.sql("DELETE FROM payrail_writers");
         hold.armed.store(true, Ordering::SeqCst);
-        let runs = Arc::new(AtomicI64::new(0));
-        let in_doubt = counted(&queue, Outcome::Commit, Arc::clone(&runs));
+        let (probe_in_doubt, in_doubt, runs) = new_probe(Outcome::Commit);
+        queue.send(Msg::Job(Box::new(probe_in_doubt))).unwrap();
         // The writer has tried to read the marker, and had to wait for the
         // held transaction (past its lock timeout): the read is in doubt too.
         let deadline = std::time::Instant::now() + GUARD;
