@@ -123,12 +123,27 @@ pub(crate) fn run(conn: Option<Box<dyn Conn>>, rx: flume::Receiver<Msg>, cfg: Ar
             job.finish(Err(StoreError::Closed));
         }
     }
-    // Whoever closes the database last checkpoints it; make sure that
-    // checkpoint syncs even if it is this connection.
-    if let Some(c) = w.conn.as_mut()
-        && c.dialect() == Dialect::Sqlite
-    {
-        let _ = c.batch("PRAGMA synchronous = FULL");
+    if let Some(c) = w.conn.as_mut() {
+        match c.dialect() {
+            // Whoever closes the database last checkpoints it; make sure that
+            // checkpoint syncs even if it is this connection.
+            Dialect::Sqlite => {
+                let _ = c.batch("PRAGMA synchronous = FULL");
+            }
+            // Only this writer reads its marker row, and only to learn a lost
+            // COMMIT's outcome; its id is random and dies with it. With no
+            // batch left, nothing can need the row, so a clean stop removes
+            // it rather than leave one row per writer per start. (A held
+            // connection has no batch of unknown outcome: that drops it. A
+            // crashed node's rows stay, for an operator to prune.)
+            Dialect::Postgres => {
+                if let Err(e) =
+                    c.execute("DELETE FROM payrail_writers WHERE id = ?1", &[w.id.into()])
+                {
+                    tracing::warn!(error = %e, "cannot remove the writer's marker row");
+                }
+            }
+        }
     }
 }
 

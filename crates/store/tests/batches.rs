@@ -200,6 +200,27 @@ async fn reservations_that_cannot_be_voided_do_not_hold_up_expiry() {
     store.close().await;
 }
 
+/// A writer's marker row is read only by that writer, so a clean stop takes
+/// it away: restarts do not leave one row per writer behind.
+#[tokio::test]
+async fn a_clean_stop_removes_the_writers_marker_rows() {
+    let t = common::open().await;
+    if !t.db.is_postgres() {
+        return;
+    }
+    let a = paid_pair(&t.store, AccountFlags::NONE).await;
+    t.store
+        .write(move |tx| ledger::transfer(tx, &transfer("before close", a.0, a.1)))
+        .await
+        .unwrap();
+    assert_ne!(
+        t.db.sql("SELECT count(*) FROM payrail_writers WHERE last_batch > 0"),
+        ["0"]
+    );
+    t.store.close().await;
+    assert_eq!(t.db.sql("SELECT count(*) FROM payrail_writers"), ["0"]);
+}
+
 /// On PostgreSQL a batch writes its number into its writer's marker row, so
 /// that a COMMIT whose answer is lost can be settled by reading it. Were the
 /// row deleted behind the store's back (an operator pruning the table), a
