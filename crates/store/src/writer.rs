@@ -59,7 +59,8 @@ pub(crate) type Connect = Arc<dyn Fn() -> Result<Box<dyn Conn>, DbError> + Send 
 
 pub(crate) struct WriterConfig {
     pub max_batch: usize,
-    /// Runs a unit gets before it fails with the last error.
+    /// Runs a unit gets while each ends on a lock conflict, before it fails
+    /// with the last error (runs ended by an outage count apart).
     pub max_attempts: u32,
     pub clock: Arc<dyn Clock>,
     pub sandbox_clock: bool,
@@ -74,8 +75,29 @@ pub(crate) struct WriterConfig {
 
 struct Queued {
     job: Box<dyn Job>,
+    /// Runs ended by a lock conflict (or a batch's other retryable error),
+    /// up to `max_attempts`.
     attempts: u32,
+    /// Runs ended by a broken connection, up to [`OUTAGE_RUNS`]. Counted
+    /// apart so that a unit which waited out a lock still gets its run on a
+    /// fresh connection after an outage; each count is bounded, so a unit
+    /// still runs a bounded number of times.
+    outages: u32,
 }
+
+impl Queued {
+    fn new(job: Box<dyn Job>) -> Queued {
+        Queued {
+            job,
+            attempts: 0,
+            outages: 0,
+        }
+    }
+}
+
+/// Runs a unit gets when each ends on a broken connection: one more, on a
+/// fresh connection, and then its caller hears of the outage.
+const OUTAGE_RUNS: u32 = 2;
 
 /// How long a writer whose database is unreachable fails work at once instead
 /// of trying to reconnect for every batch.
@@ -101,13 +123,13 @@ pub(crate) fn run(conn: Option<Box<dyn Conn>>, rx: flume::Receiver<Msg>, cfg: Ar
                 break;
             }
             match rx.recv() {
-                Ok(Msg::Job(job)) => carry.push(Queued { job, attempts: 0 }),
+                Ok(Msg::Job(job)) => carry.push(Queued::new(job)),
                 Ok(Msg::Stop) | Err(_) => break,
             }
         }
         while !w.stop_seen && carry.len() < w.cfg.max_batch {
             match rx.try_recv() {
-                Ok(Msg::Job(job)) => carry.push(Queued { job, attempts: 0 }),
+                Ok(Msg::Job(job)) => carry.push(Queued::new(job)),
                 Ok(Msg::Stop) => w.stop_seen = true,
                 Err(_) => break,
             }
@@ -370,18 +392,20 @@ impl Writer {
         // conflict, once more on a broken connection (a fresh one may work).
         let may_retry =
             surely_not_committed && matches!(e, StoreError::Busy(_) | StoreError::Unavailable(_));
-        let limit = if matches!(e, StoreError::Unavailable(_)) {
-            2
-        } else {
-            self.cfg.max_attempts
-        };
+        let outage = matches!(e, StoreError::Unavailable(_));
         // Units set aside for a lock conflict were rolled back before this
         // batch failed, and were counted then: they go to the next batch.
         let mut again = failure.retry;
         let settled = failure.settled.into_iter().map(|(q, _)| q);
         for mut q in failure.units.into_iter().chain(settled) {
-            q.attempts += 1;
-            if !(may_retry && q.attempts < limit) {
+            let runs_left = if outage {
+                q.outages += 1;
+                q.outages < OUTAGE_RUNS
+            } else {
+                q.attempts += 1;
+                q.attempts < self.cfg.max_attempts
+            };
+            if !(may_retry && runs_left) {
                 q.job.finish(Err(e.clone()));
             } else if failure.during_commit && !q.job.within_wait() {
                 // As for units set aside, above.
@@ -1278,6 +1302,33 @@ mod lost_commit {
         }
     }
 
+    /// A probe that meets a lock conflict on its first run, and whose next
+    /// batch's COMMIT is then lost (the server going down) without taking
+    /// effect.
+    struct ConflictThenLost(Probe, Arc<Server>);
+
+    impl Job for ConflictThenLost {
+        fn run(&mut self, tx: &mut Tx<'_>) -> Outcome {
+            match self.0.2.load(Ordering::SeqCst) {
+                0 => {
+                    self.0.2.fetch_add(1, Ordering::SeqCst);
+                    let _ = tx.conflict("lock timeout");
+                    Outcome::Rollback
+                }
+                1 => {
+                    self.1.lost_commit_aborts.store(true, Ordering::SeqCst);
+                    self.1.lose_next_commit.store(true, Ordering::SeqCst);
+                    self.0.run(tx)
+                }
+                _ => self.0.run(tx),
+            }
+        }
+
+        fn finish(self: Box<Self>, durable: Result<(), StoreError>) {
+            Box::new(self.0).finish(durable)
+        }
+    }
+
     fn probe(queue: &flume::Sender<Msg>) -> mpsc::Receiver<Result<(), StoreError>> {
         sent(queue, Outcome::Commit)
     }
@@ -1463,6 +1514,31 @@ mod lost_commit {
         let answer = set_aside.recv_timeout(GUARD).unwrap();
         assert!(matches!(answer, Err(StoreError::Overloaded)), "{answer:?}");
         assert_eq!(runs.load(Ordering::SeqCst), 1, "runs of the unit");
+        queue.send(Msg::Stop).unwrap();
+        writer.join().unwrap();
+    }
+
+    /// A unit that waited out a lock conflict still gets its run on a fresh
+    /// connection after an outage: the runs each cause ends are counted
+    /// apart.
+    #[test]
+    fn a_unit_that_met_a_lock_conflict_still_runs_again_after_an_outage() {
+        let (server, queue, writer) = start();
+        commit_one(&queue);
+        let (probe, answer, runs) = new_probe(Outcome::Commit);
+        queue
+            .send(Msg::Job(Box::new(ConflictThenLost(
+                probe,
+                Arc::clone(&server),
+            ))))
+            .unwrap();
+        while !server.down.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        server.down.store(false, Ordering::SeqCst);
+        let answer = answer.recv_timeout(GUARD).unwrap();
+        assert!(answer.is_ok(), "{answer:?}");
+        assert_eq!(runs.load(Ordering::SeqCst), 3, "runs of the unit");
         queue.send(Msg::Stop).unwrap();
         writer.join().unwrap();
     }
