@@ -1256,6 +1256,39 @@ async fn refunds_that_cannot_fit_cost_the_writer_no_rerun() {
     s.verify_ok().await;
 }
 
+/// A debit over the balance is refused before anything is written, on every
+/// backend. Refused after its order row was written, each would make the
+/// writer roll its batch back and run it again with savepoints, the other
+/// callers' units with it, as often as anyone with a token cared to ask.
+#[tokio::test]
+async fn debits_over_the_balance_cost_the_writer_no_rerun() {
+    let s = Server::start().await;
+    let c = s.client();
+    let w = cell(18);
+    let token = s.wallet_with_token(&w, "10", "100").await;
+    let paid = c.debit_request(&Debit::new(&w, "6", "SHORT_00000", &token));
+    assert_code(&send(&c, &paid).await, "0");
+
+    let before = s.counter("payrail_group_commit_redos_total").await;
+    for n in 1..=5 {
+        let r = c.debit_request(&Debit::new(&w, "5", &format!("SHORT_0000{n}"), &token));
+        assert_code(&send(&c, &r).await, "301");
+    }
+    // A used orderid is still told so (304 outranks 301).
+    let again = c.debit_request(&Debit::new(&w, "6", "SHORT_00000", &token));
+    assert_code(&send(&c, &again).await, "304");
+    assert_eq!(
+        s.counter("payrail_group_commit_redos_total").await,
+        before,
+        "refused debits rolled their batches back and ran them again"
+    );
+    // Nothing of the refusals was kept: a refused orderid may pay what fits.
+    let fits = c.debit_request(&Debit::new(&w, "4", "SHORT_00001", &token));
+    assert_code(&send(&c, &fits).await, "0");
+    assert_eq!(s.wallet_balance(&w).await, "0.00");
+    s.verify_ok().await;
+}
+
 /// A token issued for a reference is issued once: a retry gets the same
 /// token (200), the same reference with another cap is refused, and without
 /// a reference every call issues a new one.

@@ -195,15 +195,24 @@ fn token_from_row(row: &Row) -> Result<TokenRow, StoreError> {
     })
 }
 
-/// A token and the wallet of its cell, in one look-up (every debit needs both).
+/// A wallet and what it has available.
+pub type WalletWithBalance = (WalletRow, Money);
+
+/// A token, the wallet of its cell and what that wallet has available (as
+/// [`crate::ledger::available`] reads it), in one look-up: every debit needs all
+/// three, and on PostgreSQL each statement is a round trip.
 pub fn token_with_wallet(
     tx: &mut Tx<'_>,
     digest: &[u8],
-) -> Result<Option<(TokenRow, Option<WalletRow>)>, StoreError> {
+) -> Result<Option<(TokenRow, Option<WalletWithBalance>)>, StoreError> {
     let Some(row) = tx.query_opt(
         "SELECT t.digest, t.mid, t.cell, t.cap, t.lineage, t.state, t.created_at, t.expires_at,
-                w.cell, w.account_id, w.email, w.blocked
+                w.cell, w.account_id, w.email, w.blocked,
+                a.credits_posted - a.debits_posted - a.debits_pending
+                + CAST(COALESCE((SELECT SUM(d.credits_posted - d.debits_posted - d.debits_pending)
+                                   FROM account_deltas d WHERE d.account_id = a.id), 0) AS BIGINT)
            FROM mbk_tokens t LEFT JOIN wallets w ON w.cell = t.cell
+                LEFT JOIN accounts a ON a.id = w.account_id
           WHERE t.digest = ?1",
         &[digest.into()],
     )?
@@ -212,12 +221,20 @@ pub fn token_with_wallet(
     };
     let token = token_from_row(&row)?;
     let wallet = match row.opt_text(8)? {
-        Some(cell) => Some(WalletRow {
-            cell,
-            account: AccountId(row.int(9)?),
-            email: row.opt_text(10)?,
-            blocked: row.int(11)? != 0,
-        }),
+        Some(cell) => {
+            let account = AccountId(row.int(9)?);
+            let committed = row
+                .opt_int(12)?
+                .ok_or_else(|| StoreError::Internal("wallet account missing".into()))?;
+            let wallet = WalletRow {
+                cell,
+                account,
+                email: row.opt_text(10)?,
+                blocked: row.int(11)? != 0,
+            };
+            let available = committed.saturating_add(tx.deferred(account).available_change());
+            Some((wallet, Money::from_minor(available)))
+        }
         None => None,
     };
     Ok(Some((token, wallet)))

@@ -1005,10 +1005,12 @@ impl Debit {
                 if !Rail::check_otp(tx, &self.mid, &self.cell, digest, max, amount)? {
                     return Ok(self.fail(Code::OtpInvalid)); // keep the failed attempt
                 }
-                Some(wallet)
+                let available = ledger::available(tx, wallet.account)?
+                    .ok_or_else(|| StoreError::Internal("wallet account missing".into()))?;
+                Some((wallet, available))
             }
         };
-        let Some(wallet) = wallet else {
+        let Some((wallet, available)) = wallet else {
             return refuse(Code::TokenInvalid);
         };
         if wallet.blocked {
@@ -1020,24 +1022,23 @@ impl Debit {
                 .map_or(Money::ZERO, |p| self.amount.percent_floor(p)),
             None => Money::ZERO,
         };
-        // With a single writer, 301 is decided before anything is written: a
-        // refusal that writes nothing costs its batch nothing (see the store's
-        // writer). 304 outranks it, so a short balance looks the orderid up;
-        // otherwise the order's insert is the unit's first write (with a token)
-        // and refuses a used orderid by writing nothing. With several writers
-        // the insert and the transfer below refuse, atomically, whatever races
-        // them.
+        // 301 is decided before anything is written, from the balance read
+        // with the token: a refusal that writes nothing costs its batch
+        // nothing, while one after a write makes the writer roll the batch
+        // back and run it again with savepoints, every other caller's unit
+        // with it (see the store's writer). 304 outranks it, so a short
+        // balance looks the orderid up; otherwise the order's insert is the
+        // unit's first write and refuses a used orderid by writing nothing.
+        // With several writers (PostgreSQL) the read is only a snapshot: the
+        // insert and the transfer below still refuse, atomically, whatever
+        // raced it.
         let net = self.amount.checked_sub(cashback).unwrap_or(Money::ZERO);
-        if tx.serialized() && net.is_positive() {
-            let available = ledger::available(tx, wallet.account)?
-                .ok_or_else(|| StoreError::Internal("wallet account missing".into()))?;
-            if available < net {
-                return refuse(if db::order(tx, &self.mid, &self.orderid)?.is_some() {
-                    Code::DuplicateOrder
-                } else {
-                    Code::InsufficientBalance
-                });
-            }
+        if net.is_positive() && available < net {
+            return refuse(if db::order(tx, &self.mid, &self.orderid)?.is_some() {
+                Code::DuplicateOrder
+            } else {
+                Code::InsufficientBalance
+            });
         }
         let inserted = db::insert_order(
             tx,
